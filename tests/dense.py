@@ -83,3 +83,14 @@ def conv_symmetric(x, h):
         for dj in range(-R, R + 1):
             out += h[di + R, dj + R] * xp[R + di : R + di + H, R + dj : R + dj + W]
     return out
+
+
+class default_float64:
+    """Context manager: float64 as torch's default dtype inside, restored after (tests must not leak it)."""
+
+    def __enter__(self):
+        self.old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.old)

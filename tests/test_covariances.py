@@ -7,9 +7,16 @@ import pytest
 import torch
 
 import covariances as cv
-from tests.dense import basis_matrix, conv_circular, conv_symmetric, dct_1d, dense_sigma, symmetric_spectrum
+from tests.dense import default_float64, basis_matrix, conv_circular, conv_symmetric, dct_1d, dense_sigma, symmetric_spectrum
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with default_float64():
+        yield
+
+
 SHAPES = [(1, 1, 4, 6), (1, 2, 5, 4), (1, 3, 3, 3)]
 
 

@@ -9,9 +9,16 @@ import torch
 
 import aebm
 import covariances as cv
-from tests.dense import basis_matrix, dense_sigma, gaussian_nll, random_spd, symmetric_spectrum
+from tests.dense import default_float64, basis_matrix, dense_sigma, gaussian_nll, random_spd, symmetric_spectrum
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with default_float64():
+        yield
+
+
 C, H, W = 1, 6, 6
 d = C * H * W
 
@@ -33,9 +40,10 @@ def covariances_to_test():
     return out
 
 
-COVS = covariances_to_test()
-MU = 0.5 + 0.1 * torch.randn(C, H, W, generator=torch.Generator().manual_seed(5))
-PRIOR = aebm.GaussianEnergy(MU, random_spd(d, seed=1))
+with default_float64():
+    COVS = covariances_to_test()
+    MU = 0.5 + 0.1 * torch.randn(C, H, W, generator=torch.Generator().manual_seed(5))
+    PRIOR = aebm.GaussianEnergy(MU, random_spd(d, seed=1))
 
 
 def tame(cov):

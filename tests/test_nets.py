@@ -1,0 +1,166 @@
+"""Claims about nets.py: shapes, double differentiability, batch independence, behaviour over the
+whole range of variances, basis-independence for isotropic Sigma, and a first training signal."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aebm
+import covariances as cv
+import nets
+
+
+def randomized(net, std=0.2, seed=0):
+    """A network with every weight random (the zero-initialised output layers would hide the
+    UNet from the checks)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return net
+
+
+def some_covariance(basis, shape, dtype=torch.float32, seed=0):
+    B, C, H, W = shape
+    if basis == "pixel":
+        return cv.mask_covariance(cv.box_mask(shape, H // 2), 10.0, 0.01, C, dtype=dtype)
+    return cv.blur_problem(shape, 1.0, 0.05, basis, dtype=dtype).covariance()
+
+
+@pytest.mark.parametrize("basis", cv.BASES)
+@pytest.mark.parametrize("size", [16, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_output_has_the_input_shape(basis, size, channels, batch):
+    torch.manual_seed(0)
+    net = nets.build_unet("tiny", size, channels)
+    shape = (batch, channels, size, size)
+    x, cov = torch.randn(shape), some_covariance(basis, shape)
+    assert net(x, cov).shape == shape
+    assert aebm.EnergyModel(net)(x, cov).shape == (batch,)
+
+
+def test_small_config_runs_at_every_size_and_stays_under_a_million_parameters():
+    for size, channels in ((16, 1), (32, 3), (64, 3)):
+        net = nets.build_unet("small", size, channels)
+        assert nets.count_parameters(net) <= 1_000_000
+        x = torch.randn(1, channels, size, size)
+        assert net(x, some_covariance("dct", x.shape)).shape == x.shape
+
+
+def test_paper64_has_the_documented_parameter_count():
+    assert nets.count_parameters(nets.build_unet("paper64", 64, 3)) == 63_929_987  # the figure the README quotes
+
+
+def test_bad_sizes_and_configs_give_clear_errors():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        nets.build_unet("small", 30, 1)
+    with pytest.raises(ValueError, match="unknown network config"):
+        nets.build_unet("huge", 32, 1)
+    net = nets.build_unet("tiny", 8, 1)
+    with pytest.raises(ValueError, match="built for"):
+        net(torch.randn(1, 1, 16, 16), cv.isotropic(1.0, (1, 1, 16, 16)))
+
+
+@pytest.mark.parametrize("basis", cv.BASES)
+def test_energy_is_twice_differentiable_in_y_and_log_s(basis):
+    torch.manual_seed(0)
+    shape = (2, 1, 4, 4)
+    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 4, 1).double()))
+    cov = some_covariance(basis, shape, torch.float64)
+    cov = cv.Covariance(cov.s.clamp(max=100.0), basis)  # inside the embedding's range: smooth there
+    y = torch.rand(shape, dtype=torch.float64, requires_grad=True)
+    log_s = cov.log_s.clone().requires_grad_(True)
+    f_y = lambda y: model(y, cov)
+    f_s = lambda log_s: model(y.detach(), cv.Covariance.from_log_s(log_s, basis))
+    assert torch.autograd.gradcheck(f_y, (y,))
+    assert torch.autograd.gradgradcheck(f_y, (y,))
+    assert torch.autograd.gradcheck(f_s, (log_s,))
+    assert torch.autograd.gradgradcheck(f_s, (log_s,))
+
+
+def test_explicit_attention_equals_sdpa_and_supports_double_backward():
+    torch.manual_seed(0)
+    attn = randomized(nets.Attention(8, head_dim=4)).double()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    B, C, H, W = x.shape
+    q, k, v = attn.qkv(attn.norm(x)).reshape(B, 3, 2, 4, H * W).unbind(1)
+    ref = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    ref = (x + attn.proj(ref.transpose(-1, -2).reshape(B, C, H, W))) * math.sqrt(0.5)
+    torch.testing.assert_close(attn(x), ref)
+    assert torch.autograd.gradgradcheck(lambda x: attn(x).square().sum(), (x,))
+
+
+def test_energy_of_one_image_does_not_depend_on_the_others():
+    torch.manual_seed(0)
+    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 8, 3))).eval()
+    for basis in cv.BASES:
+        shape = (4, 3, 8, 8)
+        x, cov = torch.rand(shape), some_covariance(basis, shape)
+        together = model(x, cov)
+        alone = torch.stack([model(x[i : i + 1], cov[i : i + 1])[0] for i in range(4)])
+        torch.testing.assert_close(together, alone, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("basis", cv.BASES)
+def test_energy_is_finite_over_the_whole_range_and_tends_to_the_gaussian_limit(basis):
+    torch.manual_seed(0)
+    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 8, 1).double()))
+    gaps = {}
+    for s in (1e-6, 1e-3, 1.0, 1e2, 1e4, 1e6, cv.S_HUGE):
+        cov = cv.isotropic(s, (2, 1, 8, 8), basis, dtype=torch.float64)
+        n, _ = cov.sample(torch.Generator().manual_seed(1))
+        y = torch.rand(2, 1, 8, 8, dtype=torch.float64) + n
+        E, score_y, score_log_s = aebm.energy_and_scores(model, y, cov)
+        assert torch.isfinite(E).all() and torch.isfinite(score_y).all() and torch.isfinite(score_log_s).all()
+        gaps[s] = (E - aebm.gaussian_limit_energy(y, cov, model.mean, model.data_var)).abs().max().item()
+    assert gaps[1e-3] > 1e-2  # the learned term matters at low noise
+    assert gaps[1e4] < 0.1 and gaps[1e6] < 1e-3 and gaps[1e4] > 30 * gaps[1e6]  # O(1/s), METHOD.md §3
+    # anisotropic: masks with 1e8 on missing pixels are finite too
+    if basis == "pixel":
+        cov = cv.mask_covariance(cv.box_mask((2, 1, 8, 8), 4), cv.S_HUGE, 1e-6, 1, dtype=torch.float64)
+        assert torch.isfinite(model(torch.rand(2, 1, 8, 8, dtype=torch.float64), cov)).all()
+
+
+def test_isotropic_sigma_gets_the_same_energy_in_every_basis():
+    torch.manual_seed(0)
+    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 8, 3).double()))
+    y = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    results = []
+    for basis in cv.BASES:
+        cov = cv.isotropic(torch.tensor([1e-4, 0.05, 3.0]), y.shape, basis, dtype=torch.float64)
+        E, score_y, score_log_s = aebm.energy_and_scores(model, y, cov)
+        results.append((E, score_y, score_log_s.flatten(1).sum(1)))  # total derivative along sigma^2
+    for E, score_y, total in results[1:]:
+        torch.testing.assert_close(E, results[0][0], atol=1e-9, rtol=1e-12)
+        torch.testing.assert_close(score_y, results[0][1], atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(total, results[0][2], atol=1e-9, rtol=1e-9)
+
+
+def test_energy_reduction_stays_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 8, 1), std=0.05))
+    y = torch.rand(2, 1, 8, 8)
+    cov = some_covariance("dct", y.shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        E = model(y, cov)
+    assert E.dtype == torch.float32
+    torch.testing.assert_close(E, model(y, cov), rtol=2e-2, atol=0.5)
+
+
+def test_a_few_dual_loss_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = aebm.EnergyModel(nets.build_unet("small", 16, 1))
+    x = torch.rand(8, 1, 16, 16)
+    groups = cv.sample_training_covariances(x.shape, "fft", generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    def loss():
+        return aebm.dual_score_loss(model, x, groups, generator=torch.Generator().manual_seed(1))[0]
+    first = loss().item()
+    for _ in range(8):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.95 * first  # measured: 0.880 -> 0.795
