@@ -102,10 +102,14 @@ def posterior_mean(energy, y, cov):
 # -----------------------------------------------------------------------------
 # Dual score matching (METHOD.md §4).
 
-def dual_score_losses(energy, x, cov, generator=None, need_csm=True):
+def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None):
     """Per-image A-DSM and A-CSM losses for clean images x (B, C, H, W) under covariances cov.
-    y = x + U^H(sqrt(s) zeta); returns (L_dsm, L_csm), each (B,) (L_csm is None if not need_csm)."""
-    n, zeta = cov.sample(generator)
+    y = x + U^H(sqrt(s) zeta), zeta drawn here unless given (basis coordinates of white noise, as
+    cov.sample returns them); returns (L_dsm, L_csm), each (B,) (L_csm is None if not need_csm)."""
+    if zeta is None:
+        n, zeta = cov.sample(generator)
+    else:
+        n = cov.Uh(cov.s.sqrt() * zeta)
     y = x + n
     _, score_y, score_log_s = energy_and_scores(energy, y, cov, create_graph=True, need_log_s=need_csm)
     d = x[0].numel()
@@ -119,16 +123,18 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True):
     return L_dsm, L_csm
 
 
-def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None):
+def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None):
     """L = L_DSM + lam L_CSM averaged over the batch (M8); lam = 0 is single (DSM-only) score matching.
     cov_groups: a Covariance for the whole batch, or the list of (slice, Covariance) groups that
-    covariances.sample_training_covariances returns. Returns (L, L_dsm mean, L_csm mean) with the two
-    parts detached for logging (L_csm is still computed, without graph, when lam = 0)."""
+    covariances.sample_training_covariances returns; zetas: optional noise per group (tests use it
+    to feed identical noise to different runs). Returns (L, L_dsm mean, L_csm mean), the two parts
+    detached for logging (L_csm is NaN when lam = 0: single score matching never computes it)."""
     if isinstance(cov_groups, Covariance):
         cov_groups = [(slice(0, x.shape[0]), cov_groups)]
     dsm, csm = [], []
-    for idx, cov in cov_groups:
-        L_dsm, L_csm = dual_score_losses(energy, x[idx], cov, generator, need_csm=lam != 0)
+    for i, (idx, cov) in enumerate(cov_groups):
+        zeta = zetas[i] if zetas is not None else None
+        L_dsm, L_csm = dual_score_losses(energy, x[idx], cov, generator, need_csm=lam != 0, zeta=zeta)
         dsm.append(L_dsm)
         csm.append(L_csm if L_csm is not None else torch.full_like(L_dsm, float("nan")))
     L_dsm, L_csm = torch.cat(dsm).mean(), torch.cat(csm).mean()

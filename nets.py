@@ -47,7 +47,7 @@ CONFIGS = {
     "paper64": dict(channels=128, mults=(1, 2, 2, 2), blocks=4, attn=(16,), dropout=0.1,
                     emb_channels=512, emb_hidden=128, emb_blocks=4),
     "small": dict(channels=28, mults=(1, 2, 2), blocks=1, attn=(8,), dropout=0.0,
-                  emb_channels=64, emb_hidden=32, emb_blocks=2),
+                  emb_channels=64, emb_hidden=16, emb_blocks=2),
     "tiny": dict(channels=8, mults=(1, 2), blocks=1, attn=(4,), dropout=0.0,
                  emb_channels=16, emb_hidden=8, emb_blocks=1),
 }

@@ -241,3 +241,4 @@ def test_log_prob_and_bits_per_dim_of_a_gaussian():
     torch.testing.assert_close(lp, ref, atol=1e-6, rtol=0)
     assert aebm.bits_per_dim(torch.tensor(0.0), 16) == 8
     torch.testing.assert_close(aebm.bits_per_dim(-lp, 16), -lp / (16 * math.log(2)) + 8)
+

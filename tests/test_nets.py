@@ -159,8 +159,9 @@ def test_a_few_dual_loss_steps_lower_the_loss_on_a_fixed_batch():
     def loss():
         return aebm.dual_score_loss(model, x, groups, generator=torch.Generator().manual_seed(1))[0]
     first = loss().item()
-    for _ in range(8):
+    for _ in range(15):
         opt.zero_grad()
         loss().backward()
         opt.step()
-    assert loss().item() < 0.95 * first  # measured: 0.880 -> 0.795
+    last = loss().item()
+    assert last < 0.95 * first, (first, last)

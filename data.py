@@ -1,0 +1,309 @@
+"""
+Datasets: images as float tensors in [0, 1], shape (C, H, W) at --img-size (METHOD.md §2.2).
+
+Every dataset here offers the same three things, and train.py / sample.py use nothing else:
+
+    ds.get_batch(n, generator) -> (n, C, H, W) float32 in [0, 1]   random images (with replacement)
+    ds.channels, ds.img_size                                        the image shape
+    ds.mean, ds.var                                                 per-coordinate data mean and variance (M3's mu, sigma_d^2)
+
+Built-in, generated on the fly (no download, any size, 1 or 3 channels):
+    gaussian    a stationary Gaussian random field with a power-law spectrum. Periodic, so its
+                covariance is diagonal in the FFT basis and `ds.prior` is its exact energy
+                (aebm.GaussianEnergy): the ground truth for every learned quantity.
+    deadleaves  the dead-leaves occlusion model: disks with power-law radii and random
+                intensities/colours, a classic stand-in for natural-image statistics.
+
+On disk, in their standard formats (train / test splits):
+    imagenet64  downsampled ImageNet 64x64, the official npz batches: train_data_batch_*.npz and
+                val_data.npz, each with 'data' (N, 12288) uint8, channel-planar (R, G, B planes of 64x64)
+    cifar10     cifar-10-batches-py/: python pickles data_batch_1..5 and test_batch, b'data' (N, 3072) uint8
+    mnist       idx files train-images-idx3-ubyte and t10k-images-idx3-ubyte, gzipped or not
+    celeba      img_align_celeba/*.jpg (+ list_eval_partition.txt if present), centre crop 140x140, resize
+    folder      any folder of images, searched recursively (AFHQ is one); the last 10% (sorted) is the test split
+"""
+
+import gzip
+import math
+import os
+import pickle
+import struct
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+import aebm
+import covariances as cv
+
+BUILTIN = ("gaussian", "deadleaves")
+ON_DISK = ("imagenet64", "cifar10", "mnist", "celeba", "folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# -----------------------------------------------------------------------------
+# Built-in datasets.
+
+class GaussianField:
+    """x = mu + U^H(sqrt(c) zeta) in the FFT basis, with power spectrum c(k) = A / (k0^2 + |k|^2)^(alpha/2)
+    (|k| in cycles per image, periodic), scaled so that each pixel has variance `var`. Channels are
+    independent. Values are not clipped: the density must stay exactly Gaussian."""
+
+    def __init__(self, img_size, channels, alpha=2.0, k0=1.0, mean=0.5, var=0.04):
+        self.img_size, self.channels, self.mean, self.var = img_size, channels, mean, var
+        k = torch.arange(img_size, dtype=torch.float64)
+        k = torch.minimum(k, img_size - k)  # |frequency index|, symmetric so that Sigma is real
+        c = 1.0 / (k0 ** 2 + k[:, None] ** 2 + k[None, :] ** 2) ** (alpha / 2)
+        c = c * var / c.mean()  # per-pixel variance = mean of the spectrum (Parseval)
+        self.spectrum = cv.Covariance(c.expand(1, channels, img_size, img_size).contiguous(), "fft")
+        self.prior = aebm.GaussianEnergy(mean, self.spectrum)  # the exact energy, float64
+
+    def get_batch(self, n, generator=None):
+        return self.prior.sample(n, generator).float()
+
+
+class DeadLeaves:
+    """Dead leaves: disks dropped one over another until the image is covered. Radii follow the
+    scale-invariant density p(r) ~ r^-3 on [r_min, r_max] (pixels); each disk has a uniform random
+    grey level (1 channel) or colour (3 channels)."""
+
+    def __init__(self, img_size, channels, r_min=1.0, r_max=None, n_disks=None):
+        self.img_size, self.channels = img_size, channels
+        self.r_min, self.r_max = r_min, r_max or img_size / 3
+        # enough disks that the last ones almost surely cover the image (area ratio ~ 4 ln N)
+        self.n_disks = n_disks or int(12 * img_size ** 2 / (math.pi * self.r_min * self.r_max))
+        self.mean, self.var = 0.5, 1 / 12  # uniform intensities
+
+    def get_batch(self, n, generator=None):
+        H = self.img_size
+        g = generator
+        img = torch.rand(n, self.channels, 1, 1, generator=g).expand(n, self.channels, H, H).clone()
+        i = torch.arange(H, dtype=torch.float32).view(1, H, 1)
+        j = torch.arange(H, dtype=torch.float32).view(1, 1, H)
+        a, b = self.r_min ** -2, self.r_max ** -2
+        # Disks are painted back to front, so the newest is on top; inverse-CDF sampling of r^-3.
+        for _ in range(self.n_disks):
+            u = torch.rand(n, generator=g)
+            r = (a - u * (a - b)) ** -0.5
+            cy, cx = torch.rand(n, generator=g) * H, torch.rand(n, generator=g) * H
+            colour = torch.rand(n, self.channels, generator=g)
+            inside = (i - cy.view(n, 1, 1)) ** 2 + (j - cx.view(n, 1, 1)) ** 2 < r.view(n, 1, 1) ** 2
+            img = torch.where(inside.unsqueeze(1), colour.view(n, self.channels, 1, 1), img)
+        return img
+
+
+# -----------------------------------------------------------------------------
+# Datasets on disk: an array of uint8 images in memory, or a list of image files read on demand.
+
+class ArrayImages:
+    """uint8 images (N, C, h, w) held in memory, resized to img_size when drawn."""
+
+    def __init__(self, images, img_size):
+        self.images, self.img_size = images, img_size
+        self.channels = images.shape[1]
+        self.mean, self.var = estimate_moments(self)
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, idx):
+        x = torch.from_numpy(self.images[idx.numpy()]).float() / 255.0
+        return resize(x, self.img_size)
+
+    def get_batch(self, n, generator=None):
+        return self.load(torch.randint(len(self), (n,), generator=generator))
+
+
+class FileImages:
+    """Image files read, centre-cropped (optional) and resized on demand."""
+
+    def __init__(self, files, img_size, channels=3, crop=None):
+        if not files:
+            raise FileNotFoundError("no images found")
+        self.files, self.img_size, self.channels, self.crop = files, img_size, channels, crop
+        self.mean, self.var = estimate_moments(self)
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, path):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB" if self.channels == 3 else "L")
+                w, h = im.size
+                c = min(self.crop or min(w, h), w, h)  # centre square crop (CelebA: 140x140)
+                im = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c))
+                im = im.resize((self.img_size, self.img_size), Image.BICUBIC)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"corrupt or unreadable image {path}: {e}. Remove or replace the file.") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return torch.from_numpy(arr.copy()).float() / 255.0
+
+    def load(self, idx):
+        return torch.stack([self.read(self.files[int(i)]) for i in idx]).clamp(0, 1)
+
+    def get_batch(self, n, generator=None):
+        return self.load(torch.randint(len(self), (n,), generator=generator))
+
+
+def resize(x, size):
+    """(N, C, h, w) in [0, 1] -> (N, C, size, size): antialiased bilinear (area-like when shrinking)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def estimate_moments(ds, n=256):
+    """Data mean and per-coordinate variance from up to n images (deterministic: the first n)."""
+    x = ds.load(torch.arange(min(n, len(ds))))
+    return float(x.mean()), float(x.var())
+
+
+def require(path, what, hint):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: expected {path}. {hint}")
+    return path
+
+
+def read_imagenet64(root, split):
+    hint = "Download 'Imagenet64_train_npz' / 'Imagenet64_val_npz' (image-net.org, downsampled 64x64) and unpack them there."
+    require(root, "ImageNet64 directory", hint)
+    if split == "train":
+        files = sorted(f for f in os.listdir(root) if f.startswith("train_data_batch_") and f.endswith(".npz"))
+        if not files:
+            raise FileNotFoundError(f"ImageNet64 training batches not found: expected train_data_batch_*.npz in {root}. {hint}")
+    else:
+        files = [os.path.basename(require(os.path.join(root, "val_data.npz"), "ImageNet64 validation file", hint))]
+    arrays = []
+    for f in files:
+        try:
+            with np.load(os.path.join(root, f)) as z:
+                data = z["data"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"corrupt ImageNet64 file {os.path.join(root, f)}: {e}") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
+            raise ValueError(f"{os.path.join(root, f)}: 'data' must be (N, 12288) uint8, got {data.shape}")
+        arrays.append(data.reshape(-1, 3, 64, 64))  # channel-planar: R, G, B planes
+    return np.concatenate(arrays)
+
+
+def read_cifar10(root, split):
+    hint = "Download and unpack cifar-10-python.tar.gz there (it creates cifar-10-batches-py/)."
+    base = root if os.path.exists(os.path.join(root, "test_batch")) else os.path.join(root, "cifar-10-batches-py")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    arrays = []
+    for name in names:
+        path = require(os.path.join(base, name), "CIFAR-10 batch", hint)
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+            raise ValueError(f"corrupt CIFAR-10 batch {path}: {e}") from None
+    return np.concatenate(arrays)
+
+
+def read_mnist(root, split):
+    stem = "train-images-idx3-ubyte" if split == "train" else "t10k-images-idx3-ubyte"
+    candidates = [os.path.join(root, stem), os.path.join(root, stem + ".gz"),
+                  os.path.join(root, "MNIST", "raw", stem), os.path.join(root, "MNIST", "raw", stem + ".gz")]
+    path = next((p for p in candidates if os.path.exists(p)), None)
+    if path is None:
+        raise FileNotFoundError(f"MNIST images not found: expected {stem}[.gz] in {root}. "
+                                "Download the idx files from the MNIST page and put them there.")
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            magic, n, rows, cols = struct.unpack(">IIII", f.read(16))
+            if magic != 2051:
+                raise ValueError(f"bad magic number {magic} (expected 2051 for idx3 images)")
+            data = np.frombuffer(f.read(n * rows * cols), dtype=np.uint8)
+            if data.size != n * rows * cols:
+                raise ValueError(f"file holds {data.size} bytes of pixels, header promises {n * rows * cols}")
+    except (OSError, struct.error, EOFError) as e:
+        raise ValueError(f"corrupt MNIST file {path}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"corrupt MNIST file {path}: {e}") from None
+    return data.reshape(n, 1, rows, cols)
+
+
+def list_images(root):
+    files = []
+    for dirpath, _, names in os.walk(root):
+        files += [os.path.join(dirpath, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(files)
+
+
+def split_files(files, split, test_fraction=0.1):
+    n_test = max(1, int(len(files) * test_fraction)) if len(files) > 1 else 0
+    return files[: len(files) - n_test] if split == "train" else files[len(files) - n_test :]
+
+
+def read_celeba(root, split):
+    folder = root if os.path.basename(os.path.normpath(root)) == "img_align_celeba" else os.path.join(root, "img_align_celeba")
+    require(folder, "CelebA folder", "Download img_align_celeba.zip and unpack it there.")
+    files = list_images(folder)
+    partition = os.path.join(os.path.dirname(os.path.normpath(folder)), "list_eval_partition.txt")
+    if os.path.exists(partition):  # the official split: 0 train, 1 validation, 2 test
+        wanted = {"train": {"0", "1"}, "test": {"2"}}[split]
+        with open(partition) as f:
+            keep = {line.split()[0] for line in f if line.strip() and line.split()[1] in wanted}
+        return [p for p in files if os.path.basename(p) in keep]
+    return split_files(files, split)
+
+
+def load_dataset(name, img_size, channels=3, root=None, split="train"):
+    """The dataset `name` at img_size. channels applies to the built-in datasets and to image
+    folders; the others have their own (mnist 1, the rest 3)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if img_size < 1:
+        raise ValueError(f"image size must be positive, got {img_size}")
+    if name == "gaussian":
+        return GaussianField(img_size, channels)
+    if name == "deadleaves":
+        return DeadLeaves(img_size, channels)
+    if name not in ON_DISK:
+        raise ValueError(f"unknown dataset {name!r}: use one of {BUILTIN + ON_DISK}")
+    if root is None:
+        raise ValueError(f"dataset {name!r} is read from local files: pass --data-dir (see README, 'Datasets')")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "imagenet64":
+        return ArrayImages(read_imagenet64(root, split), img_size)
+    if name == "cifar10":
+        return ArrayImages(read_cifar10(root, split), img_size)
+    if name == "mnist":
+        return ArrayImages(read_mnist(root, split), img_size)
+    if name == "celeba":
+        files = read_celeba(root, split)
+        if not files:
+            raise FileNotFoundError(f"no CelebA images for split {split!r} in {root}")
+        return FileImages(files, img_size, 3, crop=140)
+    require(root, "image folder", "Pass a directory that contains images (searched recursively).")
+    files = split_files(list_images(root), split)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r} under {root}")
+    return FileImages(files, img_size, channels)
+
+
+# -----------------------------------------------------------------------------
+# Writing images.
+
+def save_grid(path, rows, pad=2):
+    """Write a PNG grid: `rows` is a list of (n, C, H, W) tensors in [0, 1] (values are clipped),
+    one row each, n images side by side. Returns the path."""
+    n = max(r.shape[0] for r in rows)
+    C, H, W = rows[0].shape[1:]
+    canvas = torch.ones(3, len(rows) * (H + pad) + pad, n * (W + pad) + pad)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row.detach().float().cpu().clamp(0, 1)):
+            img = img.expand(3, H, W) if img.shape[0] == 1 else img
+            top, left = pad + i * (H + pad), pad + j * (W + pad)
+            canvas[:, top : top + H, left : left + W] = img
+    arr = (canvas.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path

@@ -1,0 +1,369 @@
+"""
+Training: dual score matching (METHOD.md §4, §6) in one plain loop.
+
+    python train.py                                        # small UNet on dead leaves, CPU, ~4 min
+    python train.py --dataset gaussian                     # ground truth known: see README, Validation
+    torchrun --nproc_per_node=8 train.py --dataset imagenet64 --data-dir DIR   # the paper's run
+
+The script reads top to bottom: presets, flags, distributed set-up, data, model, optimizer,
+checkpoint/resume, the loop. Each step draws clean images x, one covariance per image
+(covariances.sample_training_covariances, METHOD.md §2.4) and noise, and minimises
+L = L_DSM + lam L_CSM (aebm.dual_score_loss, M8); --lam 0 is single (DSM-only) score matching.
+
+Distributed: torchrun starts one process per device (NCCL on CUDA, gloo on CPU); each rank draws
+its own share of the batch with its own seeds, and gradients are averaged with one all_reduce.
+We do not wrap the model in DistributedDataParallel: its reducer assumes one forward per backward,
+while a dual-score step calls the network once per covariance group and differentiates through
+torch.autograd.grad(create_graph=True); an explicit all_reduce is exact and simple
+(tests/test_train.py checks 2 ranks against 1 process on the joint batch).
+
+Checkpoints hold the model, its EMA, the optimizer, the step, the configuration and every RNG
+state of every rank, written atomically (temporary file, then os.replace); --resume continues
+exactly (bit-identical on CPU). A non-finite loss stops the run and leaves the last checkpoint.
+"""
+
+import argparse
+import copy
+import csv
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import aebm
+import covariances as cv
+import data
+import nets
+
+# Presets: `--dataset imagenet64` alone gives the paper's configuration (METHOD.md §6); every other
+# dataset starts from the quick preset. Any flag given on the command line wins over the preset.
+PRESETS = {
+    "quick": dict(config="small", batch=8, steps=400, lr=1e-3, warmup=50, decay_every=200, ema=0.99,
+                  log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False),
+    "imagenet64": dict(config="paper64", batch=128, steps=400_000, lr=2e-4, warmup=1000, decay_every=100_000,
+                       ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=True, tf32=True),
+}
+# Native image size and spectral basis per dataset (periodic data: fft; natural images: dct).
+DATASET_DEFAULTS = {
+    "deadleaves": (32, "dct"), "gaussian": (16, "fft"), "imagenet64": (64, "fft"), "cifar10": (32, "dct"),
+    "mnist": (28, "dct"), "celeba": (64, "dct"), "folder": (64, "dct"),
+}
+# What a checkpoint must agree on to be resumed or sampled from with this code path.
+ARCHITECTURE_KEYS = ("dataset", "img_size", "channels", "config", "dtype")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train an anisotropic energy model with dual score matching.")
+    p.add_argument("--dataset", default="deadleaves", help=f"one of {data.BUILTIN + data.ON_DISK}")
+    p.add_argument("--data-dir", default=None, help="directory of an on-disk dataset (see README, Datasets)")
+    p.add_argument("--img-size", type=int, default=None, help="image size (default: the dataset's, e.g. 32 for deadleaves)")
+    p.add_argument("--channels", type=int, default=3, help="1 or 3 (built-in datasets and image folders)")
+    p.add_argument("--config", default=None, help=f"network, one of {sorted(nets.CONFIGS)} (preset: small / paper64)")
+    p.add_argument("--spectral-basis", default=None, choices=["fft", "dct"],
+                   help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
+    p.add_argument("--p-iso", type=float, default=0.1, help="fraction of isotropic training covariances")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the A-CSM loss (M8); 0 = DSM-only")
+    p.add_argument("--batch", type=int, default=None, help="global batch size, split over ranks")
+    p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate after warm-up")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
+    p.add_argument("--decay-every", type=int, default=None, help="halve the learning rate every this many steps")
+    p.add_argument("--clip", type=float, default=20.0, help="gradient-norm clip")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights")
+    p.add_argument("--bf16", type=int, default=None, help="1: UNet under bf16 autocast on CUDA (energy reductions stay float32)")
+    p.add_argument("--tf32", type=int, default=None, help="1: allow TF32 matmuls/convolutions on CUDA")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
+    p.add_argument("--log-every", type=int, default=None, help="steps between log lines")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation losses and sample grids")
+    p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--val-batch", type=int, default=16, help="held-out images for validation losses and grids")
+    p.add_argument("--out", default="runs/quick", help="run directory: ckpt.pt, log.csv, PNG grids")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly")
+    p.add_argument("--seed", type=int, default=0, help="random seed (rank r uses seed + r)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+    preset = PRESETS["imagenet64" if args.dataset == "imagenet64" else "quick"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    size, basis = DATASET_DEFAULTS.get(args.dataset, (32, "dct"))
+    args.img_size = args.img_size or size
+    args.spectral_basis = args.spectral_basis or basis
+    if args.dataset == "mnist":
+        args.channels = 1
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Pieces of the loop.
+
+def learning_rate(step, args):
+    """Linear warm-up, then halve every decay_every steps (METHOD.md §6)."""
+    return args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 ** (step // args.decay_every)
+
+
+def average_gradients(params, world):
+    """Average .grad over ranks with one all_reduce of a flat buffer (a missing grad counts as 0)."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def all_mean(values, world):
+    """Mean over ranks of a few scalars (for logging and the non-finite check)."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+    if world > 1:
+        t = t.to(dist_device())
+        dist.all_reduce(t)
+        t = t.cpu() / world
+    return t.tolist()
+
+
+def dist_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None):
+    """One step of dual score matching: loss, backward, gradient all_reduce, clip, Adam.
+    Returns (L_dsm, L_csm, grad_norm), averaged over ranks. Raises FloatingPointError on a
+    non-finite loss or gradient, before the parameters change."""
+    params = [p for p in energy.parameters() if p.requires_grad]
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16) and x.device.type == "cuda"):
+        L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas)
+    L.backward()
+    average_gradients(params, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+    L_val, L_dsm, L_csm, grad_norm = all_mean([L.detach(), L_dsm, L_csm, grad_norm], world)
+    if not (math.isfinite(L_val) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"loss {L_val} / gradient norm {grad_norm} is not finite")
+    opt.step()
+    return L_dsm, L_csm, grad_norm
+
+
+@torch.no_grad()
+def update_ema(ema, net, decay, step):
+    """ema <- d ema + (1 - d) theta, with d ramped up as (1 + step) / (10 + step) early on."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p.to(e.dtype), 1 - d)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+def draw_batch(ds, n, g_data, device, dtype):
+    """n clean images with random horizontal flips, on device."""
+    x = ds.get_batch(n, g_data)
+    flip = torch.rand(n, generator=g_data) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    return x.to(device=device, dtype=dtype)
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file in the same directory, flush it to disk, then os.replace."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py --out {os.path.dirname(path) or '.'})")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it may be corrupt or not an aebm checkpoint") from None
+
+
+def check_same_config(saved, args, path):
+    diff = {k: (saved.get(k), getattr(args, k)) for k in ARCHITECTURE_KEYS if saved.get(k) != getattr(args, k)}
+    if diff:
+        items = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {path} was trained with another configuration ({items}); "
+                         "pass the same flags or a new --out")
+
+
+def build_energy(config, device="cpu"):
+    """The energy model described by a checkpoint's config dict (used by sample.py too)."""
+    net = nets.build_unet(config["config"], config["img_size"], config["channels"])
+    net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
+    return aebm.EnergyModel(net, config["data_mean"], config["data_var"])
+
+
+def load_energy(path, device="cpu", use_ema=True):
+    """(energy model in eval mode with the EMA weights, config) from a checkpoint."""
+    ckpt = load_checkpoint(path, device)
+    energy = build_energy(ckpt["config"], device)
+    energy.net.load_state_dict(ckpt["ema" if use_ema else "model"])
+    return energy.eval(), ckpt["config"]
+
+
+@torch.no_grad()
+def validate(energy, val_x, args, step, out_dir):
+    """Held-out losses with fixed noise (comparable across steps) and a grid of posterior means
+    for box inpainting: truth | observation | posterior mean."""
+    g = torch.Generator(val_x.device).manual_seed(1234)
+    groups = cv.sample_training_covariances(val_x.shape, args.spectral_basis, args.p_iso,
+                                            generator=torch.Generator().manual_seed(1234),
+                                            dtype=val_x.dtype, device=val_x.device)
+    with torch.enable_grad():
+        _, L_dsm, L_csm = aebm.dual_score_loss(energy, val_x, groups, lam=1.0, generator=g)
+    n = min(8, val_x.shape[0])
+    x = val_x[:n]
+    missing = cv.box_mask(x.shape, args.img_size // 2, device=x.device)
+    prob = cv.inpainting_problem(missing, x.shape[1], 0.05, dtype=x.dtype)
+    y_obs = prob.measure(x, torch.Generator(x.device).manual_seed(0))
+    y, cov = prob.to_denoising(y_obs, energy.mean, torch.Generator(x.device).manual_seed(1))
+    x_hat = aebm.posterior_mean(energy, y, cov)
+    data.save_grid(os.path.join(out_dir, f"val_{step:07d}.png"), [x, y_obs, x_hat])
+    return L_dsm.item(), L_csm.item()
+
+
+# -----------------------------------------------------------------------------
+# The run.
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # Distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if args.batch % world:
+        raise ValueError(f"batch {args.batch} must be divisible by the number of processes {world}")
+    local_batch = args.batch // world
+    if args.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, args.dtype)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+
+    # Data: per-rank generators. g_data (CPU) draws images, flips and covariances; g_noise the noise.
+    ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "train")
+    val_ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "test")
+    args.channels = ds.channels
+    g_data = torch.Generator().manual_seed(args.seed + rank)
+    g_noise = torch.Generator(device).manual_seed(10_000 + args.seed + rank)
+    torch.manual_seed(20_000 + args.seed + rank)  # dropout
+    val_x = val_ds.get_batch(args.val_batch, torch.Generator().manual_seed(999_999)).to(device, dtype)
+
+    # Model, EMA (a frozen copy, at least float32), optimizer.
+    config = {k: getattr(args, k) for k in ARCHITECTURE_KEYS}
+    config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam)
+    energy = build_energy(config, device)
+    net = energy.net
+    ema = copy.deepcopy(net).requires_grad_(False)
+    ema_energy = aebm.EnergyModel(ema, ds.mean, ds.var)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    step = 0
+
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, device)
+        check_same_config(ckpt["config"], args, ckpt_path)
+        if len(ckpt["rng"]) != world:
+            raise ValueError(f"checkpoint {ckpt_path} was written by {len(ckpt['rng'])} processes; resume with as many")
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        config.update(data_mean=ckpt["config"]["data_mean"], data_var=ckpt["config"]["data_var"])
+        energy.mean, energy.data_var = config["data_mean"], config["data_var"]
+        ema_energy.mean, ema_energy.data_var = config["data_mean"], config["data_var"]
+        rng = ckpt["rng"][rank]
+        g_data.set_state(rng["data"].cpu())  # generator states are CPU byte tensors
+        g_noise.set_state(rng["noise"].cpu())
+        torch.set_rng_state(rng["torch"].cpu())
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+    elif master and os.path.exists(ckpt_path):
+        print(f"note: {ckpt_path} exists and will be overwritten (use --resume to continue it)")
+
+    def checkpoint():
+        rng = {"data": g_data.get_state(), "noise": g_noise.get_state(), "torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        all_rng = [None] * world
+        if world > 1:
+            dist.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        if master:
+            save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                        "step": step, "config": config, "rng": all_rng})
+
+    if master:
+        print(f"{args.dataset} {args.img_size}x{args.img_size}x{args.channels}, {args.config} "
+              f"({nets.count_parameters(net) / 1e6:.2f} M params), batch {args.batch} on {world} x {device}, "
+              f"lam {args.lam}, spectral basis {args.spectral_basis}")
+        log_file = open(os.path.join(args.out, "log.csv"), "a" if args.resume else "w", newline="")
+        log = csv.writer(log_file)
+        if not args.resume:
+            log.writerow(["step", "split", "loss_dsm", "loss_csm", "lr", "grad_norm", "img_per_s", "elapsed_s"])
+
+    # The loop.
+    t_start, t_last, step_last = time.time(), time.time(), step
+    while step < args.steps:
+        lr = learning_rate(step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = draw_batch(ds, local_batch, g_data, device, dtype)
+        groups = cv.sample_training_covariances(x.shape, args.spectral_basis, args.p_iso, generator=g_data,
+                                                dtype=dtype, device=device)
+        try:
+            L_dsm, L_csm, grad_norm = train_step(energy, opt, x, groups, args, world, g_noise)
+        except FloatingPointError as e:
+            last = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
+            sys.exit(f"error: step {step}: {e}; stopping, {last}. Try a lower --lr or check the data.")
+        update_ema(ema, net, args.ema, step)
+        step += 1
+
+        if master and (step % args.log_every == 0 or step == args.steps):
+            now = time.time()
+            img_s = (step - step_last) * args.batch / max(now - t_last, 1e-9)
+            eta = (args.steps - step) * args.batch / max(img_s, 1e-9)
+            print(f"step {step:7d} | dsm {L_dsm:.4f} | csm {L_csm:.4f} | lr {lr:.2e} | |g| {grad_norm:6.2f} | "
+                  f"{img_s:7.1f} img/s | eta {eta / 60:6.1f} min")
+            log.writerow([step, "train", L_dsm, L_csm, lr, grad_norm, img_s, now - t_start])
+            log_file.flush()
+            t_last, step_last = now, step
+        if step % args.eval_every == 0 or step == args.steps:
+            if master:
+                v_dsm, v_csm = validate(ema_energy, val_x, args, step, args.out)
+                print(f"step {step:7d} | validation (EMA) dsm {v_dsm:.4f} | csm {v_csm:.4f}")
+                log.writerow([step, "val", v_dsm, v_csm, lr, "", "", time.time() - t_start])
+                log_file.flush()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()
+
+    if master:
+        log_file.close()
+        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
+              f"grid {os.path.join(args.out, f'val_{step:07d}.png')}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
