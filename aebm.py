@@ -34,12 +34,20 @@ LOG_2PI = math.log(2 * math.pi)
 # The learned energy (M3).
 
 class EnergyModel(nn.Module):
-    """E_theta(y, Sigma) = 1/2 |y~|^2 + 1/2 sum log(2 pi v) + 1/2 < y~, w * U F_theta(U^H y~, Sigma) >   (M3)
+    """E_theta(y, Sigma) = 1/2 |y~|^2 + 1/2 sum log(2 pi v) + 1/2 < y~, w * U F_theta(U^H(sqrt(w) y~), Sigma) >   (M3)
 
-    with v = sigma_d^2 + s, y~ = v^{-1/2} * U(y - mu) (whitened: unit scale at every Sigma) and
-    w = sigma_d^2 / v in (0, 1]. The first two terms are the exact energy of the Gaussian prior
-    N(mu, sigma_d^2 I); the learned term vanishes like 1/s, so E_theta -> the Gaussian limit as
-    s -> infinity for any theta (METHOD.md §3), which anchors the normalization.
+    with v = sigma_d^2 + s, y~ = v^{-1/2} * U(y - mu) (whitened) and w = sigma_d^2 / v in (0, 1].
+    The first two terms are the exact energy of the Gaussian prior N(mu, sigma_d^2 I); the learned
+    term vanishes like 1/s, so E_theta -> the Gaussian limit as s -> infinity for any theta
+    (METHOD.md §3), which anchors the normalization.
+
+    The network sees sqrt(w) y~ = sigma_d (y - mu) / v (the Wiener-shrunk input, scale <= 1, unit at
+    low noise) rather than y~ itself (METHOD.md's form). Reason: Tweedie (M4) multiplies dE/dy_k by
+    s_k. With input y~, the network's sensitivity to a coordinate carrying no information
+    (s_k = 1e8: a missing pixel, a dropped frequency) is ~ v_k^{-1/2}, so the posterior mean picks up
+    errors ~ sqrt(s_k) ~ 1e4 times any residual sensitivity; with sqrt(w) y~ it is ~ 1/v_k, the
+    true energy's own scaling, and the error stays O(1). tests/test_energy.py shows both for a
+    random network; README, Deviations.
     """
 
     def __init__(self, net, mean=0.5, data_var=0.1):
@@ -53,7 +61,8 @@ class EnergyModel(nn.Module):
             v = self.data_var + cov.s  # (B, C, H, W)
             y_t = cov.U(y - self.mean) * v.rsqrt()  # whitened basis coordinates y~
             w = self.data_var / v
-        F = self.net(cov.Uh(y_t), cov)  # (B, C, H, W); unit-scale input, may be bf16 under autocast
+            x_in = cov.Uh(w.sqrt() * y_t)  # Wiener-shrunk network input, sigma_d (y - mu) / v in the basis
+        F = self.net(x_in, cov)  # (B, C, H, W); may be bf16 under autocast
         with torch.autocast(y.device.type, enabled=False):
             F = F.to(v.dtype)
             gauss = 0.5 * y_t.abs().square() + 0.5 * (LOG_2PI + v.log())
@@ -145,9 +154,10 @@ def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None):
 # -----------------------------------------------------------------------------
 # Probabilities (M10).
 
-def log_prob(energy, x, s=S_MIN):
-    """log p(x) ~ -E(x, s I) at a tiny isotropic variance (M10)."""
-    cov = Covariance(torch.full_like(x, s), "pixel")
+def log_prob(energy, x, s=S_MIN, basis="pixel"):
+    """log p(x) ~ -E(x, s I) at a tiny isotropic variance (M10). s I is the same matrix in every
+    basis; `basis` only picks the cheapest path (fft for a stationary GaussianEnergy)."""
+    cov = Covariance(torch.full_like(x, s), basis)
     with torch.no_grad():
         return -energy(x, cov)
 

@@ -307,3 +307,58 @@ def save_grid(path, rows, pad=2):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(arr).save(path)
     return path
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + 1
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def save_line_plot(path, curves, title="", xlabel="", ylabel="", size=(640, 420)):
+    """A line plot drawn with pillow: axes, ticks, labels and a legend. curves: list of
+    (label, xs, ys) with plain float sequences; markers at the data points. Returns the path."""
+    from PIL import ImageDraw, ImageFont
+
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    W, H = size
+    left, right, top, bottom = 70, 20, 30, 50
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    xs_all = [x for _, xs, _ in curves for x in xs]
+    ys_all = [y for _, _, ys in curves for y in ys]
+    xt, yt = nice_ticks(min(xs_all), max(xs_all)), nice_ticks(min(ys_all), max(ys_all))
+    x0, x1 = min(xt[0], min(xs_all)), max(xt[-1], max(xs_all))
+    y0, y1 = min(yt[0], min(ys_all)), max(yt[-1], max(ys_all))
+    px = lambda x: left + (x - x0) / (x1 - x0 or 1) * (W - left - right)
+    py = lambda y: H - bottom - (y - y0) / (y1 - y0 or 1) * (H - top - bottom)
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for t in xt:
+        draw.line([px(t), H - bottom, px(t), H - bottom + 5], fill="black")
+        draw.text((px(t) - 10, H - bottom + 8), f"{t:g}", fill="black", font=font)
+    for t in yt:
+        draw.line([left - 5, py(t), left, py(t)], fill="black")
+        draw.line([left, py(t), W - right, py(t)], fill=(230, 230, 230))
+        draw.text((5, py(t) - 6), f"{t:.3g}", fill="black", font=font)
+    draw.text((W // 2 - 4 * len(xlabel), H - 22), xlabel, fill="black", font=font)
+    draw.text((5, 8), ylabel, fill="black", font=font)
+    draw.text((W // 2 - 3 * len(title), 8), title, fill="black", font=font)
+    for i, (label, xs, ys) in enumerate(curves):
+        c = colours[i % len(colours)]
+        pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
+        if len(pts) > 1:
+            draw.line(pts, fill=c, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        ly = top + 8 + 16 * i  # legend, top right
+        draw.line([W - right - 150, ly + 6, W - right - 130, ly + 6], fill=c, width=3)
+        draw.text((W - right - 125, ly), label, fill="black", font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path

@@ -242,3 +242,42 @@ def test_log_prob_and_bits_per_dim_of_a_gaussian():
     assert aebm.bits_per_dim(torch.tensor(0.0), 16) == 8
     torch.testing.assert_close(aebm.bits_per_dim(-lp, 16), -lp / (16 * math.log(2)) + 8)
 
+
+
+class RandomUNetLike(torch.nn.Module):
+    """A random smooth network mixing all pixels (as a UNet does)."""
+
+    def __init__(self, d, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.A = torch.nn.Parameter(torch.randn(d, d, generator=g) / math.sqrt(d))
+
+    def forward(self, x, cov):
+        return torch.tanh(x.flatten(1) @ self.A.T).view_as(x)
+
+
+def tweedie_error_at_missing_pixels(model, shrink_input):
+    """Posterior-mean error at missing pixels (s = 1e8) for a random network, with METHOD.md's network
+    input y~ (shrink_input=False) or the Wiener-shrunk sqrt(w) y~ that EnergyModel uses."""
+    if not shrink_input:  # METHOD.md's M3: the network sees y~ itself
+        net = model.net
+        class Unshrunk(torch.nn.Module):
+            def forward(self, x_in, cov):
+                w = model.data_var / (model.data_var + cov.s)
+                return net(cov.Uh(cov.U(x_in) / w.sqrt()), cov)  # undo the shrink
+        model = aebm.EnergyModel(Unshrunk(), model.mean, model.data_var)
+    x = torch.rand(4, C, H, W, generator=torch.Generator().manual_seed(0))
+    cov = cv.mask_covariance(cv.box_mask(x.shape, 2), cv.S_HUGE, 0.01, C)
+    y = x + cov.sample(torch.Generator().manual_seed(1))[0]
+    x_hat = aebm.posterior_mean(model, y, cov)
+    missing = cov.s >= cv.S_HUGE
+    return (x_hat - 0.5)[missing].abs().max().item()
+
+
+def test_wiener_shrunk_network_input_keeps_tweedie_bounded_where_nothing_is_observed():
+    """Why EnergyModel feeds the network sqrt(w) y~ (README, Deviations): at a missing pixel the true
+    posterior mean is ~ mu; a random network gives an O(1) error with the shrunk input and an
+    error ~ sqrt(s_huge) = 1e4 times its sensitivity with METHOD.md's y~."""
+    model = aebm.EnergyModel(RandomUNetLike(C * H * W), mean=0.5, data_var=0.1)
+    assert tweedie_error_at_missing_pixels(model, shrink_input=True) < 1.0
+    assert tweedie_error_at_missing_pixels(model, shrink_input=False) > 100.0

@@ -1,0 +1,536 @@
+"""
+Inference (METHOD.md §7): every sampler as one plain loop over the energy protocol, the inverse
+problems as tasks, blind estimation, log-probabilities, and the command line.
+
+    python sample.py --task inpaint --blind          # after `python train.py`
+    python sample.py --task deblur --sampler mala --prior exact    # no training: exact Gaussian prior
+
+Every function takes an `energy(y, cov)` (aebm.py), so the learned EnergyModel and the exact
+GaussianEnergy are interchangeable; tests/test_sample.py runs each sampler on the exact energy.
+
+The posterior problem. A task gives an anisotropic-denoising observation (y_obs~, Sigma_y)
+(covariances.Degradation.to_denoising, M2). With Sigma_t = diag(s_t) in Sigma_y's basis:
+  - posterior mean in one shot: x^ = y~ - Sigma_y dE/dy (M4);
+  - reverse diffusion: start from p(y_0 | y~) with Sigma_0 = Sigma_y (capped at s_max), then
+    alternate a predictor (M12) that lowers Sigma_t to Sigma_{t+1} and corrector steps on
+        pi_t(y) = p(y | y~) ~ exp(-E(y, Sigma_t)) N(y~; y, Sigma_y - Sigma_t)          (M11)
+    (ULA, or MALA with the exact Metropolis-Hastings acceptance), down to Sigma_T = s_end;
+  - the schedule is geometric, or energy-guided (M13);
+  - blind estimation picks the covariance that minimises the normalized energy (paper eq. 16).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import aebm
+import covariances as cv
+import data
+
+S_MAX_PRIOR = 25.0 ** 2  # missing coordinates start the reverse diffusion from this variance (METHOD.md §7)
+
+
+def basis_sum(z):
+    """Sum over all but the batch axis of a real or complex basis-coordinate tensor: (B,)."""
+    return z.flatten(1).sum(1).real
+
+
+def energy_mean(energy):
+    """The data mean mu the energy was built with (EnergyModel: a float; GaussianEnergy: a tensor)."""
+    m = getattr(energy, "mean", 0.5)
+    return m if torch.is_tensor(m) or isinstance(m, float) else float(m)
+
+
+def energy_device(energy):
+    tensors = list(energy.parameters()) + list(energy.buffers()) if isinstance(energy, torch.nn.Module) else []
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+# -----------------------------------------------------------------------------
+# Schedules.
+
+def geometric_level(s0, s_end, t, T):
+    """s_t = s0^(1 - t/T) s_end^(t/T) on every coordinate with s0 > s_end; the others stay at s0."""
+    s_t = s0 ** (1 - t / T) * s_end ** (t / T)
+    return torch.where(s0 > s_end, s_t, s0)
+
+
+def adaptive_level(s, score_log_s, s_target_mean_log, s_end):
+    """Energy-guided step (M13): 1/s' = 1/s + gamma relu(dE/ds), with gamma chosen per image (by
+    bisection on log gamma) so that mean log s' reaches s_target_mean_log; s' in [s_end, s]
+    (monotone by construction). Coordinates whose energy drops fastest as s shrinks go first."""
+    dE_ds = (score_log_s / s).clamp_min(0)  # dE/ds = (dE/dlog s) / s
+    def new_s(log_gamma):
+        return (1 / (1 / s + log_gamma.exp().view(-1, 1, 1, 1) * dE_ds)).clamp(min=s_end).minimum(s)
+    lo = torch.full((s.shape[0],), -40.0, dtype=s.dtype, device=s.device)
+    hi = torch.full_like(lo, 40.0)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        too_little = new_s(mid).log().flatten(1).mean(1) > s_target_mean_log
+        lo, hi = torch.where(too_little, mid, lo), torch.where(too_little, hi, mid)
+    s_new = new_s(hi)
+    # where the energy gives no direction at all (dE/ds <= 0 everywhere), fall back to a uniform step
+    stuck = s_new.log().flatten(1).mean(1) > s_target_mean_log + 1e-3
+    if stuck.any():
+        shift = (s.log().flatten(1).mean(1) - s_target_mean_log).view(-1, 1, 1, 1)
+        s_new = torch.where(stuck.view(-1, 1, 1, 1), (s * torch.exp(-shift)).clamp(min=s_end).minimum(s), s_new)
+    return s_new
+
+
+# -----------------------------------------------------------------------------
+# The corrector: Langevin on pi (M11), ULA or MALA.
+
+def log_target(E, y, y_obs, lik_prec, basis):
+    """log pi(y) up to a constant (M11): -E(y, Sigma) - 1/2 |y~ - y|^2 weighted by (Sigma_y - Sigma)^{-1}."""
+    r = cv.to_basis(y_obs - y, basis)
+    return -E - 0.5 * basis_sum(lik_prec * r.abs().square())
+
+
+def langevin(energy, y, y_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15, tau=0.9,
+             generator=None, state=None):
+    """n_steps corrector steps on pi_s(y) (M11) at the fixed level Sigma = diag(s) in `basis`.
+
+    Proposal: y' = y + eta P g(y) + sqrt(2 eta tau) P^{1/2} xi, g = grad log pi, with the
+    preconditioner P = s (s_y - s) / s_y, i.e. (Sigma^{-1} + (Sigma_y - Sigma)^{-1})^{-1}: it equals
+    Sigma wherever Sigma_y >> Sigma (METHOD.md writes Sigma) and avoids the stiffness of the
+    likelihood term where Sigma ~ Sigma_y; coordinates with s = s_y (pinned to y~) do not move.
+    ULA accepts always; MALA accepts with min(1, pi(y') q(y|y') / (pi(y) q(y'|y))) using the actual
+    proposal density, so it leaves pi exactly invariant for any tau. `state` = (E, dE/dy) of y if
+    known: MALA and ULA then cost one energy evaluation per step. Returns (y, state, accept rate).
+    """
+    cov = cv.Covariance(s, basis, check=False)
+    gap = (s_y - s).clamp_min(0)
+    huge = s_y >= cv.S_HUGE * 0.999  # no likelihood at all there (METHOD.md §7)
+    lik_prec = torch.where(huge | (gap <= 0), torch.zeros_like(gap), 1 / gap.clamp_min(1e-300))
+    P = torch.where(huge, s, s * gap / s_y)
+    moving = P > 0
+    E, grad = state if state is not None else aebm.energy_and_scores(energy, y, cov, need_log_s=False)[:2]
+
+    def drift(y, grad):  # eta P g(y) in basis coordinates
+        g = -cv.to_basis(grad, basis) + lik_prec * cv.to_basis(y_obs - y, basis)
+        return eta * P * g
+
+    accepted = torch.zeros(y.shape[0], device=y.device)
+    for _ in range(n_steps):
+        xi = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+        zeta = xi if basis != "fft" else cv.to_basis(xi, basis)
+        mean_fwd = cv.to_basis(y, basis) + drift(y, grad)
+        y_new = cv.from_basis(mean_fwd + (2 * eta * tau * P).sqrt() * zeta, basis)
+        E_new, grad_new, _ = aebm.energy_and_scores(energy, y_new, cov, need_log_s=False)
+        if method == "ula":
+            accept = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+        elif method == "mala":
+            mean_bwd = cv.to_basis(y_new, basis) + drift(y_new, grad_new)
+            var = torch.where(moving, 2 * eta * tau * P, torch.ones_like(P))
+            log_q_fwd = -0.5 * basis_sum(torch.where(moving, (cv.to_basis(y_new, basis) - mean_fwd).abs().square() / var, 0))
+            log_q_bwd = -0.5 * basis_sum(torch.where(moving, (cv.to_basis(y, basis) - mean_bwd).abs().square() / var, 0))
+            log_alpha = (log_target(E_new, y_new, y_obs, lik_prec, basis) - log_target(E, y, y_obs, lik_prec, basis)
+                         + log_q_bwd - log_q_fwd)
+            u = torch.rand(y.shape[0], generator=generator, dtype=log_alpha.dtype, device=y.device)
+            accept = u.log() < log_alpha
+        else:
+            raise ValueError(f"unknown corrector {method!r}: use 'ula' or 'mala'")
+        a = accept.view(-1, 1, 1, 1)
+        y, E, grad = torch.where(a, y_new, y), torch.where(accept, E_new, E), torch.where(a, grad_new, grad)
+        accepted += accept.float()
+    return y, (E, grad), (accepted / max(n_steps, 1)).mean().item()
+
+
+# -----------------------------------------------------------------------------
+# Reverse anisotropic diffusion (M11-M13).
+
+def initial_state(y_obs, s_y, s0, mean, basis, generator=None):
+    """A draw of y_0 given y~ where s0 < s_y, in the Gaussian-limit approximation (exact as s_y -> inf):
+    y_0 = mu + (s0/s_y)(y~ - mu) + sqrt(s0 (1 - s0/s_y)) zeta; y_0 = y~ where s0 = s_y."""
+    xi = torch.randn(y_obs.shape, generator=generator, dtype=y_obs.dtype, device=y_obs.device)
+    zeta = xi if basis != "fft" else cv.to_basis(xi, basis)
+    mu = cv.to_basis(torch.as_tensor(mean, dtype=y_obs.dtype, device=y_obs.device).expand_as(y_obs), basis)
+    r = s0 / s_y
+    z = mu + r * (cv.to_basis(y_obs, basis) - mu) + (s0 * (1 - r)).clamp_min(0).sqrt() * zeta
+    return cv.from_basis(torch.where(s0 < s_y, z, cv.to_basis(y_obs, basis)), basis)
+
+
+def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_PRIOR, corrector="ula",
+                      n_corrector=1, eta=0.15, tau=0.9, schedule="geometric", generator=None, record=False):
+    """Posterior samples for the observation (y_obs, cov_y) by reverse anisotropic diffusion.
+
+    Returns a namespace: x (the sample at s_end), x_mean (its Tweedie denoising), acceptance
+    (mean corrector acceptance; 1 for ULA), evaluations (energy evaluations), and, with record,
+    the list of variance maps s_t."""
+    basis, s_y = cov_y.basis, cov_y.s
+    s_end_t = torch.full_like(s_y, s_end)
+    s0 = s_y.clamp(max=s_max)
+    s = s0
+    y = initial_state(y_obs, s_y, s0, energy_mean(energy), basis, generator)
+    need_log_s = schedule == "adaptive"
+    E, grad, score_log_s = aebm.energy_and_scores(energy, y, cv.Covariance(s, basis, check=False), need_log_s=need_log_s)
+    target_end = torch.where(s0 > s_end, s_end_t, s0).log().flatten(1).mean(1)  # mean log s at t = T
+    trace, acceptance, evaluations = ([s] if record else None), [], 1
+    for t in range(levels):
+        if schedule == "geometric":
+            s_next = geometric_level(s0, s_end, t + 1, levels)
+        elif schedule == "adaptive":
+            mean_log = s.log().flatten(1).mean(1)
+            target = mean_log + (target_end - mean_log) / (levels - t)  # spread the rest evenly
+            s_next = adaptive_level(s, score_log_s, target, s_end_t) if t + 1 < levels else torch.where(s > s_end, s_end_t, s)
+        else:
+            raise ValueError(f"unknown schedule {schedule!r}: use 'geometric' or 'adaptive'")
+        # (M12) predictor: y <- y - (Sigma_t - Sigma_{t+1}) dE/dy + (Sigma_t - Sigma_{t+1})^{1/2} xi
+        ds = (s - s_next).clamp_min(0)
+        xi = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+        zeta = xi if basis != "fft" else cv.to_basis(xi, basis)
+        y = cv.from_basis(cv.to_basis(y, basis) - ds * cv.to_basis(grad, basis) + ds.sqrt() * zeta, basis)
+        s = s_next
+        cov = cv.Covariance(s, basis, check=False)
+        E, grad, score_log_s = aebm.energy_and_scores(energy, y, cov, need_log_s=need_log_s)
+        evaluations += 1
+        if corrector and n_corrector > 0:
+            y, (E, grad), acc = langevin(energy, y, y_obs, s_y, s, basis, n_corrector, corrector, eta, tau,
+                                         generator, state=(E, grad))
+            evaluations += n_corrector
+            acceptance.append(acc)
+            if need_log_s:  # the adaptive schedule needs dE/dlog s of the corrected state
+                E, grad, score_log_s = aebm.energy_and_scores(energy, y, cov, need_log_s=True)
+                evaluations += 1
+        if record:
+            trace.append(s)
+    x_mean = y - cv.Covariance(s, basis, check=False).apply(grad)  # (M4) Tweedie at the last level
+    return SimpleNamespace(x=y, x_mean=x_mean, acceptance=sum(acceptance) / max(len(acceptance), 1),
+                           evaluations=evaluations, trace=trace)
+
+
+def generate(energy, shape, levels=600, s_end=1e-4, generator=None, **kw):
+    """Unconditional samples: the observation is pure noise of variance s_huge (Sigma_y = s_huge I)."""
+    device = energy_device(energy)
+    cov_y = cv.Covariance(torch.full(shape, cv.S_HUGE, device=device), "pixel")
+    y_obs = energy_mean(energy) + math.sqrt(cv.S_HUGE) * torch.randn(shape, generator=generator, device=device)
+    return reverse_diffusion(energy, y_obs, cov_y, levels=levels, s_end=s_end, generator=generator, **kw)
+
+
+def any_order(energy, shape, P, order=None, levels_per_patch=20, s_max=S_MAX_PRIOR, s_end=1e-4, generator=None):
+    """Any-order generation (paper Fig. 5): the image cut into P x P patches with their own variances
+    (covariances.patch_covariance); patches are denoised one at a time, in `order` (patch indices,
+    row-major; default raster), each by predictor steps (M12) from s_max to s_end while the others
+    keep theirs. Returns the final sample and its Tweedie denoising."""
+    B, C, H, W = shape
+    if H % P or W % P:
+        raise ValueError(f"patch size {P} must divide the image size {H}x{W}")
+    nh, nw = H // P, W // P
+    order = list(range(nh * nw)) if order is None else list(order)
+    device = energy_device(energy)
+    s_patch = torch.full((B, C, nh, nw), s_max, device=device)  # (B, C, H/P, W/P)
+    y = energy_mean(energy) + math.sqrt(s_max) * torch.randn(shape, generator=generator, device=device)
+    for k in order:
+        for t in range(levels_per_patch):
+            cov = cv.patch_covariance(s_patch, P)
+            _, grad, _ = aebm.energy_and_scores(energy, y, cov, need_log_s=False)
+            s_next = s_patch.clone()
+            s_next.view(B, C, -1)[:, :, k] = s_max ** (1 - (t + 1) / levels_per_patch) * s_end ** ((t + 1) / levels_per_patch)
+            ds = (s_patch - s_next).repeat_interleave(P, -2).repeat_interleave(P, -1)  # zero outside patch k
+            xi = torch.randn(shape, generator=generator, device=device)
+            y = y - ds * grad + ds.sqrt() * xi  # (M12) in the pixel basis
+            s_patch = s_next
+    cov = cv.patch_covariance(s_patch, P)
+    return y, aebm.posterior_mean(energy, y, cov)
+
+
+# -----------------------------------------------------------------------------
+# Blind estimation (paper §4.3, eq. 16).
+
+def blind_inpaint(energy, y, channels, sizes, noises, missing_var=cv.S_HUGE):
+    """Energies E(y, Sigma(size, sigma)) of one observation y under every centred box size x noise
+    level candidate, all evaluating the same y (METHOD.md §7). Returns (energies (B, n_size, n_noise),
+    estimated size (B,), estimated sigma (B,))."""
+    B = y.shape[0]
+    grid = torch.empty(B, len(sizes), len(noises), dtype=torch.float64)
+    with torch.no_grad():
+        for i, size in enumerate(sizes):
+            missing = cv.box_mask(y.shape, size, device=y.device)
+            for j, sigma in enumerate(noises):
+                cov = cv.mask_covariance(missing, missing_var, sigma ** 2, channels, dtype=y.dtype)
+                grid[:, i, j] = energy(y, cov).double().cpu()
+    best = grid.flatten(1).argmin(1)
+    return grid, torch.tensor(sizes)[best // len(noises)], torch.tensor(noises)[best % len(noises)]
+
+
+def degradation_nll(energy, y_obs, prob, mean, generator=None):
+    """-log p(y_obs) under the degradation `prob`, from the normalized energy of its denoising
+    observation (M2) by a change of variables in the basis, z = U y_obs:
+      informative k:    z_k = a_k y~_k      ->  + log |a_k|
+      uninformative k:  z_k ~ N(a_k mu_k, sigma_n^2)  (x is invisible there); the random fill of y~_k
+                        is removed from E with its Gaussian-limit energy (exact as s_huge -> inf).
+    Candidates with different operators A can then be compared (blind deblurring)."""
+    y, cov = prob.to_denoising(y_obs, mean, generator)
+    with torch.no_grad():
+        E = energy(y, cov).double()
+    inf = prob.informative
+    z = cv.to_basis(y_obs, prob.basis)
+    mu = cv.to_basis(torch.as_tensor(mean, dtype=y_obs.dtype, device=y_obs.device).expand_as(y_obs), prob.basis)
+    fill = 0.5 * (cv.to_basis(y - mean, prob.basis).abs().square() / cv.S_HUGE + math.log(2 * math.pi * cv.S_HUGE))
+    noise = 0.5 * ((z - prob.a * mu).abs().square() / prob.sigma_n ** 2 + math.log(2 * math.pi * prob.sigma_n ** 2))
+    jac = prob.a.abs().clamp_min(1e-300).log()
+    per_coord = torch.where(inf, jac, noise - fill)
+    return E + basis_sum(per_coord).double()
+
+
+def blind_deblur(energy, y_obs, blur_stds, noises, basis, mean, generator=None):
+    """-log p(y_obs | b, sigma) over blur std x noise level candidates (B, n_b, n_sigma), and the argmin."""
+    B = y_obs.shape[0]
+    grid = torch.empty(B, len(blur_stds), len(noises), dtype=torch.float64)
+    for i, b in enumerate(blur_stds):
+        for j, sigma in enumerate(noises):
+            prob = cv.blur_problem(y_obs.shape, b, sigma, basis, dtype=y_obs.dtype, device=y_obs.device)
+            g = torch.Generator(y_obs.device).manual_seed(0) if generator is None else generator
+            grid[:, i, j] = degradation_nll(energy, y_obs, prob, mean, g).cpu()
+    best = grid.flatten(1).argmin(1)
+    return grid, torch.tensor(blur_stds)[best // len(noises)], torch.tensor(noises)[best % len(noises)]
+
+
+# -----------------------------------------------------------------------------
+# Probabilities and metrics.
+
+def log_posterior(energy, x, y, cov_y, prior_basis="pixel", s_prior=aebm.S_MIN):
+    """log p(x | y~) = log p(x) + log N(y~; x, Sigma_y) - log p_Sigma_y(y~): Bayes' rule with normalized
+    energies (M10; coordinates with s_huge carry no likelihood and are left out of both terms)."""
+    keep = cov_y.s < cv.S_HUGE * 0.999
+    r = cov_y.U(y - x)
+    log_lik = -0.5 * basis_sum(torch.where(keep, r.abs().square() / cov_y.s + torch.log(2 * math.pi * cov_y.s), 0))
+    huge_part = 0.5 * basis_sum(torch.where(keep, 0, cov_y.U(y - energy_mean(energy)).abs().square() / cov_y.s
+                                            + torch.log(2 * math.pi * cov_y.s)))
+    with torch.no_grad():
+        log_evidence = -energy(y, cov_y) + huge_part  # the s_huge coordinates' Gaussian-limit factor removed
+    return aebm.log_prob(energy, x, s=s_prior, basis=prior_basis) + log_lik - log_evidence
+
+
+def psnr(x, ref):
+    mse = (x - ref).square().flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-20))
+
+
+def gaussian_window(size=11, sigma=1.5, dtype=torch.float32, device="cpu"):
+    t = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(x, ref, size=11, sigma=1.5):
+    """Mean SSIM (Wang et al. 2004) per image, Gaussian window 11 / 1.5, data range 1, valid region."""
+    C = x.shape[1]
+    size = min(size, x.shape[-1], x.shape[-2])
+    w = gaussian_window(size, sigma, x.dtype, x.device).expand(C, 1, size, size)
+    filt = lambda z: F.conv2d(z, w, groups=C)
+    mx, my = filt(x), filt(ref)
+    sxx, syy, sxy = filt(x * x) - mx ** 2, filt(ref * ref) - my ** 2, filt(x * ref) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+# -----------------------------------------------------------------------------
+# Tasks and the command line.
+
+def build_task(args, shape, device, dtype):
+    """The degradation of --task: a missing map (B, 1, H, W) for inpainting, else a Degradation.
+    Impossible parameters give a ValueError that names the flag."""
+    B, C, H, W = shape
+    if not args.noise > 0:
+        raise ValueError(f"--noise must be positive (it is the noise std of the measurement), got {args.noise}")
+    if args.task == "inpaint":
+        if args.mask == "box":
+            size = args.box_size if args.box_size is not None else H // 2
+            if not 0 < size <= min(H, W):
+                raise ValueError(f"box size {size} must be in 1..{min(H, W)} for {H}x{W} images (--box-size)")
+            return cv.box_mask(shape, size, device=device)
+        if args.mask == "half":
+            rows = args.half_rows if args.half_rows is not None else H // 2
+            if not 0 < rows <= H:
+                raise ValueError(f"--half-rows {rows} must be in 1..{H}")
+            return cv.half_mask(shape, rows, device=device)
+        if not 0 < args.ratio < 1:
+            raise ValueError(f"--ratio {args.ratio} must be in (0, 1)")
+        return cv.random_mask(shape, args.ratio, torch.Generator().manual_seed(args.seed)).to(device)
+    if args.task == "denoise":
+        return cv.denoising_problem(shape, args.noise, dtype, device)
+    if args.task == "deblur":
+        return cv.blur_problem(shape, args.blur_std, args.noise, args.basis, dtype, device)
+    if args.task == "sr":
+        if args.sr_factor < 1 or H % args.sr_factor or W % args.sr_factor:
+            raise ValueError(f"--sr-factor {args.sr_factor} must be a positive integer dividing the image size {H}x{W}")
+        return cv.sr_problem(shape, args.sr_factor, args.noise, args.basis, dtype, device)
+    raise ValueError(f"task {args.task!r} has no degradation")
+
+
+def observe(args, x, mean, generator):
+    """(y~, Sigma_y, what to show as the observation, the degradation). Inpainting observes the
+    anisotropic noisy image y~ = x + Sigma_y^{1/2} zeta with variance --missing-var on missing
+    pixels (at s_huge this is exactly M2's draw); the other tasks measure A x + sigma_n xi and map it
+    to (y~, Sigma_y) by M2."""
+    task = build_task(args, x.shape, x.device, x.dtype)
+    if args.task == "inpaint":
+        if not args.missing_var > 0:
+            raise ValueError(f"--missing-var must be positive, got {args.missing_var}")
+        cov_y = cv.mask_covariance(task, args.missing_var, args.noise ** 2, x.shape[1], x.dtype)
+        y = x + cov_y.sample(generator)[0]
+        return y, cov_y, torch.where(task, torch.zeros_like(y), y), task
+    y_obs = task.measure(x, generator)
+    y, cov_y = task.to_denoising(y_obs, mean, generator)
+    return y, cov_y, y_obs, task
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Restore, sample and estimate with an anisotropic energy model.")
+    p.add_argument("--task", default="inpaint", choices=["denoise", "inpaint", "deblur", "sr", "uncond"], help="inverse problem")
+    p.add_argument("--mask", default="box", choices=["box", "half", "random"], help="inpainting mask")
+    p.add_argument("--box-size", type=int, default=None, help="box side in pixels (default: half the image)")
+    p.add_argument("--half-rows", type=int, default=None, help="rows hidden by the half mask (default: half)")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of missing pixels for the random mask")
+    p.add_argument("--missing-var", type=float, default=cv.S_HUGE, help="variance of the missing pixels of y~ (M2: s_huge)")
+    p.add_argument("--blur-std", type=float, default=1.5, help="Gaussian blur std in pixels")
+    p.add_argument("--sr-factor", type=int, default=2, help="super-resolution factor")
+    p.add_argument("--noise", type=float, default=0.05, help="measurement noise std sigma_n (images in [0, 1])")
+    p.add_argument("--basis", default=None, choices=["fft", "dct"], help="spectral basis of deblur/sr (default: the checkpoint's)")
+    p.add_argument("--sampler", default="ula", choices=["mean", "ula", "mala", "adaptive"],
+                   help="mean: Tweedie in one shot; ula/mala: reverse diffusion with that corrector; adaptive: M13 schedule + ULA")
+    p.add_argument("--steps", type=int, default=None,
+                   help="noise levels of the reverse diffusion (default: 600 on CUDA as in METHOD.md, 150 on CPU)")
+    p.add_argument("--correctors", type=int, default=1, help="corrector steps per level")
+    p.add_argument("--eta", type=float, default=0.15, help="corrector step size")
+    p.add_argument("--tau", type=float, default=0.9, help="corrector temperature (proposal noise scale)")
+    p.add_argument("--s-end", type=float, default=1e-4, help="final variance of the reverse diffusion")
+    p.add_argument("--samples", type=int, default=1, help="posterior samples per image")
+    p.add_argument("--blind", action="store_true", help="estimate the degradation first (inpaint: box x noise; deblur: blur x noise)")
+    p.add_argument("--n", type=int, default=4, help="number of test images")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default="runs/sample", help="output directory (grid PNG, metrics JSON)")
+    p.add_argument("--ckpt", default="runs/quick/ckpt.pt", help="checkpoint from train.py")
+    p.add_argument("--prior", default="model", choices=["model", "exact"],
+                   help="exact: the exact GaussianEnergy of the built-in gaussian dataset (no training needed)")
+    p.add_argument("--dataset", default=None, help="test images (default: the checkpoint's dataset, held-out split)")
+    p.add_argument("--data-dir", default=None, help="directory of an on-disk dataset")
+    p.add_argument("--img-size", type=int, default=16, help="image size with --prior exact")
+    p.add_argument("--channels", type=int, default=1, help="channels with --prior exact")
+    p.add_argument("--device", default=None, help="cpu or cuda")
+    return p.parse_args(argv)
+
+
+def load_prior(args, device):
+    """(energy, config, test dataset): the checkpoint's EMA model, or the exact Gaussian prior."""
+    if args.prior == "exact":
+        if args.dataset not in (None, "gaussian"):
+            raise ValueError("--prior exact is the exact density of the built-in gaussian dataset; drop --dataset")
+        ds = data.load_dataset("gaussian", args.img_size, args.channels)
+        config = dict(dataset="gaussian", img_size=args.img_size, channels=args.channels, spectral_basis="fft")
+        return ds.prior.to(device), config, ds
+    import train  # the checkpoint format lives there
+    if not os.path.exists(args.ckpt):
+        raise FileNotFoundError(f"no checkpoint at {args.ckpt}: run `python train.py` first (about 4 minutes on a "
+                                "CPU), pass --ckpt, or use --prior exact to run with the exact Gaussian prior")
+    energy, config = train.load_energy(args.ckpt, device)
+    name = args.dataset or config["dataset"]
+    ds = data.load_dataset(name, config["img_size"], config["channels"], args.data_dir, "test")
+    return energy, config, ds
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.steps = args.steps or (600 if device.type == "cuda" else 150)
+    energy, config, ds = load_prior(args, device)
+    exact = args.prior == "exact"
+    dtype = torch.float64 if exact else torch.float32
+    args.basis = args.basis or config.get("spectral_basis", "dct")
+    prior_basis = "fft" if exact else "pixel"  # isotropic, so any basis; fft is the exact prior's fast path
+    g = torch.Generator(device).manual_seed(args.seed)
+    x = ds.get_batch(args.n, torch.Generator().manual_seed(10_000 + args.seed)).to(device, dtype)
+    shape, d = x.shape, x[0].numel()
+    os.makedirs(args.out, exist_ok=True)
+    report, t0 = {"task": args.task, "sampler": args.sampler, "prior": args.prior}, time.time()
+    mean = energy_mean(energy)
+
+    if args.task == "uncond":
+        res = generate(energy, shape, levels=args.steps, s_end=args.s_end, generator=g,
+                       corrector=None if args.sampler == "mean" else ("mala" if args.sampler == "mala" else "ula"))
+        rows, samples = [res.x_mean], [res.x_mean]
+    else:
+        y, cov_y, y_obs, task = observe(args, x, mean, g)
+        if args.blind:
+            if args.task == "inpaint" and args.mask == "box":
+                H = shape[-1]
+                sizes = sorted({max(1, round(H * f)) for f in (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)})
+                noises = [0.01, 0.02, 0.05, 0.1, 0.2]
+                grid, est_a, est_noise = blind_inpaint(energy, y, shape[1], sizes, noises, args.missing_var)
+                true = (args.box_size if args.box_size is not None else H // 2, args.noise)
+                names, axes = ("box size", "noise"), (sizes, noises)
+            elif args.task == "deblur":
+                stds, noises = [0.5, 1.0, 1.5, 2.0, 3.0], [0.01, 0.02, 0.05, 0.1, 0.2]
+                grid, est_a, est_noise = blind_deblur(energy, y_obs, stds, noises, args.basis, mean)
+                true, names, axes = (args.blur_std, args.noise), ("blur std", "noise"), (stds, noises)
+            else:
+                raise ValueError("--blind is implemented for --task inpaint --mask box and --task deblur")
+            estimates = list(zip(est_a.tolist(), est_noise.tolist()))
+            print(f"blind estimation over {len(axes[0])} x {len(axes[1])} candidates ({names[0]} x {names[1]}):")
+            print(f"  true      {names[0]} {true[0]}, noise {true[1]}")
+            for i, (a, b) in enumerate(estimates):
+                print(f"  image {i}: {names[0]} {a}, noise {b}")
+            above = (grid - grid.flatten(1).min(1).values.view(-1, 1, 1)).mean(0)  # energy above each image's minimum
+            print(f"  energy above the minimum (mean over images); rows: {names[0]}, columns: noise {axes[1]}")
+            for i, row in enumerate(above.tolist()):
+                print(f"    {axes[0][i]!s:>6} " + " ".join(f"{v:10.1f}" for v in row))
+            report["blind"] = dict(true=true, estimates=estimates, candidates=axes, energy_above_min=above.tolist())
+            # restore with the estimate of the first image (the images share the degradation here)
+            args.noise = estimates[0][1]
+            if args.task == "inpaint":
+                args.box_size = int(estimates[0][0])
+                missing = build_task(args, shape, device, dtype)
+                cov_y = cv.mask_covariance(missing, args.missing_var, args.noise ** 2, shape[1], dtype)  # same y~
+            else:
+                args.blur_std = float(estimates[0][0])
+                y, cov_y = build_task(args, shape, device, dtype).to_denoising(y_obs, mean, g)
+        x_hat = aebm.posterior_mean(energy, y, cov_y)
+        samples = []
+        if args.sampler != "mean":
+            for _ in range(args.samples):
+                res = reverse_diffusion(energy, y, cov_y, levels=args.steps, s_end=args.s_end,
+                                        corrector="mala" if args.sampler == "mala" else "ula", n_corrector=args.correctors,
+                                        eta=args.eta, tau=args.tau,
+                                        schedule="adaptive" if args.sampler == "adaptive" else "geometric", generator=g)
+                samples.append(res.x_mean)
+                report.setdefault("acceptance", []).append(res.acceptance)
+        rows = [x, y_obs, x_hat] + samples
+        report["psnr_mean"], report["ssim_mean"] = psnr(x_hat, x).mean().item(), ssim(x_hat, x).mean().item()
+        if samples:
+            report["psnr_samples"] = torch.stack([psnr(s, x) for s in samples]).mean().item()
+            report["ssim_samples"] = torch.stack([ssim(s, x) for s in samples]).mean().item()
+        lp_truth = log_posterior(energy, x, y, cov_y, prior_basis)
+        report["log_posterior_truth"] = lp_truth.mean().item()
+        if samples:
+            report["log_posterior_samples"] = torch.stack([log_posterior(energy, s, y, cov_y, prior_basis)
+                                                           for s in samples]).mean().item()
+    report["seconds_per_image"] = (time.time() - t0) / args.n
+    lp = aebm.log_prob(energy, x, basis=prior_basis)
+    report["log_prior_truth"] = lp.mean().item()
+    report["bpd_truth"] = aebm.bits_per_dim(-lp, d).mean().item()
+    if samples:
+        lps = torch.stack([aebm.log_prob(energy, s, basis=prior_basis) for s in samples])
+        report["log_prior_samples"] = lps.mean().item()
+        report["bpd_samples"] = aebm.bits_per_dim(-lps, d).mean().item()
+    grid_path = data.save_grid(os.path.join(args.out, f"{args.task}_{args.sampler}.png"), rows)
+    with open(os.path.join(args.out, f"{args.task}_{args.sampler}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    for k, v in report.items():
+        if k != "blind":
+            print(f"{k:24s} {v if not isinstance(v, float) else round(v, 4)}")
+    print(f"grid: {grid_path} (rows: truth | observation | posterior mean | samples)" if args.task != "uncond"
+          else f"grid: {grid_path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
