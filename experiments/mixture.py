@@ -4,15 +4,17 @@ Gaussians in d dimensions, each sample noisy with a random two-group diagonal co
 noisy density is known in closed form. A small energy model is trained with dual score matching
 and with DSM only (same seeds, same steps); only the dual one comes out normalized.
 
-    python -m experiments.mixture                 # d = 16 and d = 2, table + plots in runs/validation/
+    python -m experiments.mixture                 # d = 16 and d = 2: figures, and docs/mixture_offsets.png
 
 Data: x ~ 1/2 N(+m 1, 1 I) + 1/2 N(-m 1, 0.25 I), m = 1. Covariances: the d coordinates are split
 at random into two equal groups with variances s_1, s_2 (log-uniform in [1e-3, 1e2]); they are
 ordinary pixel-basis `Covariance`s of shape (B, 1, 1, d), so aebm.dual_score_loss trains the model.
 True energy: -log sum_i 1/2 N(y; m_i, C_i + Sigma) (paper eq. 48).
 Model: E = -logsumexp_i(-a_i(s) Q_i1 - b_i(s) Q_i2 - c_i(s)), Q_ig = 1/2 |y_g - m_i|^2 over group g,
-(a, b, c) from a 5-layer MLP (width 256) of (log s_1, log s_2). DSM sees only gradients in y, so
-a common shift c_i(s) + k(s) is invisible to it; the A-CSM term pins k(s) (METHOD.md §4).
+(a, b, c) from a 5-layer MLP (width 256) of (log s_1, log s_2), written like M3: a Gaussian part
+exact as s -> infinity plus learned corrections that vanish there (see MixtureEnergy.forward).
+DSM sees only gradients in y, so a common shift c_i(s) + k(s) is invisible to it; the A-CSM term
+pins k(s) (METHOD.md §4), and the large-s anchor fixes the last constant.
 """
 
 import argparse
@@ -21,7 +23,6 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import aebm
 import covariances as cv
@@ -82,7 +83,18 @@ class MixtureEnergy(nn.Module):
         log_s1 = (log_s * in_a).sum(1) / n_a
         log_s2 = torch.where(n_b > 0, (log_s * ~in_a).sum(1) / n_b.clamp_min(1), log_s1)
         out = self.mlp(torch.stack([log_s1, log_s2], 1) / 5)  # (B, 6); log s in about [-7, 5]
-        a, b, c = F.softplus(out[:, 0:2]), F.softplus(out[:, 2:4]), out[:, 4:6]
+        # The same construction as M3, for this model: a Gaussian part N(m_i, (s + 1/2) I) that is exact
+        # as s -> infinity (the anchor of the normalization constant), times learned corrections that
+        # vanish there. Precisions a = exp(alpha) / (s_1 + 1/2): the MLP only learns an O(1) factor
+        # (unpreconditioned, the first steps at s = 100 see a DSM residual ~100x too large and drive
+        # a, b to 0 for good). The constants c_i = -log 1/2 + 1/2 sum_j log 2 pi (s_j + 1/2) + 10 w gamma_i,
+        # w = 1/2 / (s + 1/2) -> 0: gamma is exactly the part DSM cannot see (METHOD.md §4).
+        s = cov.s.flatten(1)
+        s1, s2 = log_s1.exp().unsqueeze(1), log_s2.exp().unsqueeze(1)
+        a, b = out[:, 0:2].exp() / (s1 + 0.5), out[:, 2:4].exp() / (s2 + 0.5)
+        gauss = -math.log(0.5) + 0.5 * torch.log(2 * math.pi * (s + 0.5)).sum(1, keepdim=True)  # (B, 1)
+        w = (0.5 / (s + 0.5)).mean(1, keepdim=True)
+        c = gauss + 10 * w * out[:, 4:6]
         yf = y.flatten(1)
         terms = []
         for i, m in enumerate(MEANS):
@@ -91,7 +103,7 @@ class MixtureEnergy(nn.Module):
         return -torch.logsumexp(torch.stack(terms), 0)
 
 
-def train_mixture(d, lam, steps=1500, batch=256, lr=1e-3, seed=0, log_every=0):
+def train_mixture(d, lam, steps=1500, batch=256, lr=3e-3, seed=0, log_every=0):
     """Train a MixtureEnergy with L_DSM + lam L_CSM; same seed -> same init, data and noise for any lam."""
     torch.manual_seed(seed)
     model = MixtureEnergy()
@@ -142,7 +154,7 @@ LEVELS = [1e-2, 1e-1, 1.0, 10.0, 100.0]  # s_1; s_2 = s_1 / 10 stays inside the 
 SIGMAS_2D = [(0.01, 0.1), (0.1, 1.0), (1.0, 10.0), (10.0, 0.01), (50.0, 50.0)]
 
 
-def run(steps=1500, out="runs/validation", seed=0, verbose=True):
+def run(steps=1500, out="docs", seed=0, verbose=True):
     """Both experiments for dual and DSM-only; returns the figures and writes the plot."""
     results = {}
     for name, lam in (("dual", 1.0), ("dsm", 0.0)):
@@ -170,7 +182,7 @@ def run(steps=1500, out="runs/validation", seed=0, verbose=True):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Two-Gaussian mixture normalization experiment (paper App. D.5).")
     p.add_argument("--steps", type=int, default=1500, help="training steps per model")
-    p.add_argument("--out", default="runs/validation", help="where the plot goes")
+    p.add_argument("--out", default="docs", help="where the plot goes")
     p.add_argument("--seed", type=int, default=0, help="seed (same for dual and DSM-only)")
     a = p.parse_args()
     run(a.steps, a.out, a.seed)

@@ -1,0 +1,61 @@
+"""The validation experiments of METHOD.md §8 at CI scale (marked slow): dual score matching yields
+a normalized energy, DSM alone does not (the paper's Appendix D.5 toy), and learned image models
+are compared with the exact density of the built-in Gaussian field. Figures in the README come
+from the documented commands (longer runs); these tests assert conservative versions."""
+
+import pytest
+import torch
+
+from experiments import mixture
+
+
+@pytest.mark.slow
+def test_mixture_dual_energy_is_normalized_and_dsm_only_drifts():
+    dual16, dsm16 = (mixture.train_mixture(16, lam, steps=600) for lam in (1.0, 0.0))
+    off_dual, off_dsm = mixture.offsets(dual16, 16, mixture.LEVELS), mixture.offsets(dsm16, 16, mixture.LEVELS)
+    spread = lambda o: max(o) - min(o)
+    assert spread(off_dual) < 0.3  # measured 0.13 nats over s in [1e-2, 1e2]
+    assert spread(off_dsm) > 2 * spread(off_dual) and spread(off_dsm) > 0.5  # measured 0.89
+    assert max(abs(o) for o in off_dual) < 0.3  # and the constant itself is ~0 (large-s anchor)
+
+    dual2, dsm2 = (mixture.train_mixture(2, lam, steps=600) for lam in (1.0, 0.0))
+    ints_dual = [mixture.integral_2d(dual2, *s) for s in mixture.SIGMAS_2D]
+    ints_dsm = [mixture.integral_2d(dsm2, *s) for s in mixture.SIGMAS_2D]
+    assert all(abs(v - 1) < 0.05 for v in ints_dual), ints_dual  # measured 1.006 .. 1.047
+    assert max(abs(v - 1) for v in ints_dsm) > 0.1, ints_dsm  # measured 0.63 at Sigma = (0.01, 0.1)
+
+
+def test_mixture_true_energy_is_the_closed_form_density():
+    """The reference itself: exp(-E_true) integrates to 1 in d = 2 and matches torch.distributions."""
+    for s1, s2 in [(0.01, 0.1), (1.0, 10.0)]:
+        assert abs(mixture.integral_2d(mixture.true_energy, s1, s2) - 1) < 1e-3
+    y = torch.randn(5, 1, 1, 4)
+    in_a = torch.tensor([[True, True, False, False]]).expand(5, 4)
+    cov = mixture.group_covariance(torch.full((5,), 0.3), torch.full((5,), 2.0), in_a)
+    var = torch.tensor([0.3, 0.3, 2.0, 2.0])
+    comps = [torch.distributions.Normal(m, (v + var).sqrt()).log_prob(y.flatten(1)).sum(1)
+             for m, v in zip(mixture.MEANS, mixture.VARS)]
+    ref = -torch.logsumexp(torch.stack(comps) + torch.log(torch.tensor(0.5)), 0)
+    torch.testing.assert_close(mixture.true_energy(y, cov), ref)
+
+
+@pytest.mark.slow
+def test_learned_gaussian_field_energies_approach_the_exact_density(tmp_path):
+    """CI scale: 8x8 field, tiny UNet, 300 steps each for dual and DSM-only. Measured here: NLL 7.535
+    (dual) / 7.480 (DSM) vs 7.466 bits/dim exact; MSE/Bayes 1.10 / 1.09 (inpainting), 1.02 / 1.02
+    (deblurring); blind accuracy 0.67 / 0.67 vs 1.00 exact. At this scale the M3 Gaussian anchor
+    keeps even the DSM-only model close to normalized, so this test does not claim dual > DSM
+    (the mixture test does; README, Validation, has the longer image runs)."""
+    from experiments import gaussian_images as gi
+
+    models = gi.train_pair(8, "tiny", 300, str(tmp_path))
+    rows = gi.evaluate(models, 8)
+    assert rows["exact"]["blind"] == 1.0
+    assert abs(rows["exact"]["mse_inpaint"] - 1) < 1e-6 and abs(rows["exact"]["mse_deblur"] - 1) < 1e-6
+    for name in ("dual", "dsm"):
+        r = rows[name]
+        assert abs(r["bpd"] - rows["exact"]["bpd"]) < 0.2, rows
+        assert 0.95 < r["mse_inpaint"] < 1.3 and 0.95 < r["mse_deblur"] < 1.15, rows
+        assert r["blind"] >= 0.5, rows
+    path = gi.plot_candidates(models, 8, str(tmp_path / "blind.png"))
+    assert path.endswith(".png")
