@@ -72,6 +72,13 @@ def from_basis(z, basis):
     raise ValueError(f"unknown basis {basis!r}: use one of {BASES}")
 
 
+def white_noise(shape, basis, generator=None, dtype=None, device="cpu"):
+    """Basis coordinates zeta of real white noise xi ~ N(0, I): zeta = U xi (complex for fft, with
+    zeta[k] = conj(zeta[-k])); for pixel and dct, xi itself has the law of U xi, so zeta = xi."""
+    xi = torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(), device=device)
+    return xi if basis != "fft" else to_basis(xi, basis)
+
+
 def reflect_freq(s):
     """s[k] -> s[-k mod N] on the last two axes: the frequency index map k -> -k of the DFT."""
     return torch.roll(torch.flip(s, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))
@@ -132,8 +139,7 @@ class Covariance:
     def sample(self, generator=None):
         """Noise n ~ N(0, Sigma) and its whitened basis coordinates zeta, with n = U^H(sqrt(s) zeta).
         zeta = U xi for real white xi (complex for fft); the A-CSM target needs |zeta_k|^2 (M7)."""
-        xi = torch.randn(self.s.shape, generator=generator, dtype=self.s.dtype, device=self.s.device)
-        zeta = xi if self.basis != "fft" else self.U(xi)  # pixel/dct: xi already is U xi in law
+        zeta = white_noise(self.s.shape, self.basis, generator, self.s.dtype, self.s.device)
         return self.Uh(self.s.sqrt() * zeta), zeta
 
     def dense(self, p=1.0):
@@ -146,8 +152,7 @@ class Covariance:
 
     def __getitem__(self, idx):
         """A sub-batch, e.g. cov[2:4]; keeps the autograd link to log_s."""
-        sub = Covariance.from_log_s(self.log_s[idx], self.basis)
-        return sub
+        return Covariance.from_log_s(self.log_s[idx], self.basis)
 
     def __repr__(self):
         s = self.s.detach()
@@ -324,7 +329,7 @@ class Degradation:
         z = to_basis(y_obs, self.basis)
         a_safe = torch.where(self.informative, self.a, torch.ones_like(self.a))
         mu = to_basis(torch.as_tensor(mean, dtype=y_obs.dtype, device=y_obs.device).expand_as(y_obs), self.basis)
-        _, zeta = Covariance(torch.ones_like(y_obs), self.basis).sample(generator)  # white, in basis coordinates
+        zeta = white_noise(y_obs.shape, self.basis, generator, y_obs.dtype, y_obs.device)
         z = torch.where(self.informative, z / a_safe, mu + math.sqrt(self.s_huge) * zeta)
         return from_basis(z, self.basis), cov
 

@@ -118,8 +118,7 @@ def langevin(energy, y, y_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15,
 
     accepted = torch.zeros(y.shape[0], device=y.device)
     for _ in range(n_steps):
-        xi = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
-        zeta = xi if basis != "fft" else cv.to_basis(xi, basis)
+        zeta = cv.white_noise(y.shape, basis, generator, y.dtype, y.device)
         mean_fwd = cv.to_basis(y, basis) + drift(y, grad)
         y_new = cv.from_basis(mean_fwd + (2 * eta * tau * P).sqrt() * zeta, basis)
         E_new, grad_new, _ = aebm.energy_and_scores(energy, y_new, cov, need_log_s=False)
@@ -148,8 +147,7 @@ def langevin(energy, y, y_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15,
 def initial_state(y_obs, s_y, s0, mean, basis, generator=None):
     """A draw of y_0 given y~ where s0 < s_y, in the Gaussian-limit approximation (exact as s_y -> inf):
     y_0 = mu + (s0/s_y)(y~ - mu) + sqrt(s0 (1 - s0/s_y)) zeta; y_0 = y~ where s0 = s_y."""
-    xi = torch.randn(y_obs.shape, generator=generator, dtype=y_obs.dtype, device=y_obs.device)
-    zeta = xi if basis != "fft" else cv.to_basis(xi, basis)
+    zeta = cv.white_noise(y_obs.shape, basis, generator, y_obs.dtype, y_obs.device)
     mu = cv.to_basis(torch.as_tensor(mean, dtype=y_obs.dtype, device=y_obs.device).expand_as(y_obs), basis)
     r = s0 / s_y
     z = mu + r * (cv.to_basis(y_obs, basis) - mu) + (s0 * (1 - r)).clamp_min(0).sqrt() * zeta
@@ -183,8 +181,7 @@ def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_
             raise ValueError(f"unknown schedule {schedule!r}: use 'geometric' or 'adaptive'")
         # (M12) predictor: y <- y - (Sigma_t - Sigma_{t+1}) dE/dy + (Sigma_t - Sigma_{t+1})^{1/2} xi
         ds = (s - s_next).clamp_min(0)
-        xi = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
-        zeta = xi if basis != "fft" else cv.to_basis(xi, basis)
+        zeta = cv.white_noise(y.shape, basis, generator, y.dtype, y.device)
         y = cv.from_basis(cv.to_basis(y, basis) - ds * cv.to_basis(grad, basis) + ds.sqrt() * zeta, basis)
         s = s_next
         cov = cv.Covariance(s, basis, check=False)
