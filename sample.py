@@ -93,7 +93,7 @@ def log_target(E, y, y_obs, lik_prec, basis):
 
 
 def langevin(energy, y, y_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15, tau=0.9,
-             generator=None, state=None):
+             generator=None, state=None, precond="posterior"):
     """n_steps corrector steps on pi_s(y) (M11) at the fixed level Sigma = diag(s) in `basis`.
 
     Proposal: y' = y + eta P g(y) + sqrt(2 eta tau) P^{1/2} xi, g = grad log pi, with the
@@ -102,13 +102,14 @@ def langevin(energy, y, y_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15,
     likelihood term where Sigma ~ Sigma_y; coordinates with s = s_y (pinned to y~) do not move.
     ULA accepts always; MALA accepts with min(1, pi(y') q(y|y') / (pi(y) q(y'|y))) using the actual
     proposal density, so it leaves pi exactly invariant for any tau. `state` = (E, dE/dy) of y if
-    known: MALA and ULA then cost one energy evaluation per step. Returns (y, state, accept rate).
+    known: MALA and ULA then cost one energy evaluation per step. precond="sigma" uses METHOD.md's
+    P = Sigma instead (kept to show why not: tests/test_sample.py). Returns (y, state, accept rate).
     """
     cov = cv.Covariance(s, basis, check=False)
     gap = (s_y - s).clamp_min(0)
     huge = s_y >= cv.S_HUGE * 0.999  # no likelihood at all there (METHOD.md §7)
     lik_prec = torch.where(huge | (gap <= 0), torch.zeros_like(gap), 1 / gap.clamp_min(1e-300))
-    P = torch.where(huge, s, s * gap / s_y)
+    P = torch.where(huge, s, s * gap / s_y) if precond == "posterior" else s
     moving = P > 0
     E, grad = state if state is not None else aebm.energy_and_scores(energy, y, cov, need_log_s=False)[:2]
 

@@ -268,3 +268,22 @@ def test_cli_runs_every_task_with_the_exact_prior(tmp_path):
         assert math.isfinite(report["bpd_truth"])
         if argv[1] != "uncond":
             assert report["psnr_mean"] > 10
+
+
+def test_sigma_preconditioned_ula_diverges_where_the_posterior_preconditioner_is_stable():
+    """README, Deviations: at the start of the path Sigma ~ Sigma_y on observed pixels. With METHOD.md's
+    preconditioner P = Sigma the likelihood term multiplies y~ - y by 1 - eta s/(s_y - s) = -13.9 per
+    step (eta = 0.15, s = 0.99 s_y) and ULA blows up; with P = Sigma (Sigma_y - Sigma)/Sigma_y it is
+    1 - eta s/s_y and the chain stays at the target's scale."""
+    ds = field(4)
+    _, y_obs, cov_y = box_observation(ds, 64, s_missing=cv.S_HUGE, sigma=0.1)
+    s = 0.99 * cov_y.s.clamp(max=sample.S_MAX_PRIOR)
+    y = y_obs.clone()
+    y = torch.where(cov_y.s >= cv.S_HUGE, 0.5 + s.sqrt() * torch.randn(y.shape, generator=torch.Generator().manual_seed(0)), y)
+    ours, _, _ = sample.langevin(ds.prior, y, y_obs, cov_y.s, s, "pixel", 10, "ula", 0.15, 0.9,
+                                 torch.Generator().manual_seed(1))
+    method, _, _ = sample.langevin(ds.prior, y, y_obs, cov_y.s, s, "pixel", 10, "ula", 0.15, 0.9,
+                                   torch.Generator().manual_seed(1), precond="sigma")
+    observed = cov_y.s < cv.S_HUGE
+    assert (ours - y_obs)[observed].abs().max() < 1.0  # stays within a few sigma_n of y~
+    assert (method - y_obs)[observed].abs().max() > 1e6  # |-13.9|^10 growth
