@@ -264,14 +264,20 @@ def main(argv=None):
     args.channels = ds.channels
     g_data = torch.Generator().manual_seed(args.seed + rank)
     g_noise = torch.Generator(device).manual_seed(10_000 + args.seed + rank)
-    torch.manual_seed(20_000 + args.seed + rank)  # dropout
     val_x = val_ds.get_batch(args.val_batch, torch.Generator().manual_seed(999_999)).to(device, dtype)
 
-    # Model, EMA (a frozen copy, at least float32), optimizer.
+    # Model, EMA (a frozen copy, at least float32), optimizer. Every rank initialises from the same
+    # seed and then takes rank 0's tensors: without the DDP wrapper nobody else would synchronise
+    # the replicas, and identical averaged gradients on different weights would never agree.
     config = {k: getattr(args, k) for k in ARCHITECTURE_KEYS}
     config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam)
+    torch.manual_seed(args.seed)
     energy = build_energy(config, device)
     net = energy.net
+    if world > 1:
+        for tensor in list(net.parameters()) + list(net.buffers()):
+            dist.broadcast(tensor.data, src=0)
+    torch.manual_seed(20_000 + args.seed + rank)  # per-rank dropout
     ema = copy.deepcopy(net).requires_grad_(False)
     ema_energy = aebm.EnergyModel(ema, ds.mean, ds.var)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)

@@ -174,3 +174,31 @@ def test_training_on_gaussian_data_approaches_the_exact_floor(tmp_path):
     before, after = losses(first), losses(last)
     for i in range(2):  # both losses
         assert after[i] - floor[i] < 0.5 * (before[i] - floor[i]), (before, after, floor)
+
+
+def torchrun(out, steps, *extra):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           "train.py", "--dataset", "gaussian", "--img-size", "8", "--channels", "1", "--config", "tiny",
+           "--batch", "4", "--steps", str(steps), "--log-every", "2", "--eval-every", "100", "--ckpt-every", "2",
+           "--val-batch", "4", "--out", str(out), "--device", "cpu", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_gloo_ranks_trains_and_resumes_exactly(tmp_path):
+    """The real launcher: `torchrun --nproc_per_node=2 train.py` on CPU (gloo); 2 + 2 steps with
+    --resume equal 4 steps, which needs every rank's RNG state in the checkpoint."""
+    torchrun(tmp_path / "straight", 4)
+    torchrun(tmp_path / "halves", 2)
+    torchrun(tmp_path / "halves", 4, "--resume")
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
+    assert len(a["rng"]) == 2 and a["step"] == b["step"] == 4
+    for key in ("model", "ema", "opt", "rng"):
+        assert_same_state(a[key], b[key])
