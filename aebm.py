@@ -186,20 +186,29 @@ class GaussianEnergy(nn.Module):
                 raise ValueError(f"a diagonal prior covariance must have batch 1, got shape {C.shape}")
             self.basis, self.image_shape = C.basis, tuple(C.s.shape[1:])
             self.register_buffer("c", C.s.detach().clone())
-            self.register_buffer("C_dense", C.dense()[0])
+            self.register_buffer("C_matrix", None)  # made on first use: the fast path never needs it
         else:
             if C.dim() != 2 or C.shape[0] != C.shape[1]:
                 raise ValueError(f"dense prior covariance must be a square (d, d) matrix, got {tuple(C.shape)}")
             self.basis, self.image_shape = None, None
             self.register_buffer("c", None)
-            self.register_buffer("C_dense", C.detach().clone())
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=self.C_dense.dtype).clone())
+            self.register_buffer("C_matrix", C.detach().clone())
+        dtype = (self.c if self.c is not None else self.C_matrix).dtype
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=dtype).clone())
+
+    @property
+    def C_dense(self):
+        """The prior covariance as a dense (d, d) matrix (for a diagonal prior, built once when a
+        covariance in another basis first needs it: 1.2 GB at 64x64x3, so never eagerly)."""
+        if self.c is not None and (self.C_matrix is None or self.C_matrix.device != self.c.device):
+            self.C_matrix = Covariance(self.c, self.basis).dense()[0]
+        return self.C_matrix
 
     def diagonal_with(self, cov):
         return self.basis is not None and cov.basis == self.basis
 
     def check(self, y, cov):
-        d = self.C_dense.shape[0]
+        d = self.c[0].numel() if self.c is not None else self.C_matrix.shape[0]
         if y.shape != cov.s.shape or y[0].numel() != d:
             raise ValueError(f"images {tuple(y.shape)} and covariance {cov.shape} must match the prior's dimension {d}")
 
