@@ -25,9 +25,39 @@ import math
 import torch
 import torch.nn as nn
 
-from covariances import S_MIN, Covariance, reflect_freq
+from covariances import S_MIN, Covariance, from_basis, reflect_freq, to_basis, white_noise
 
 LOG_2PI = math.log(2 * math.pi)
+
+
+# -----------------------------------------------------------------------------
+# Energies as functions of basis coordinates.
+#
+# Precision (README, Precision). Everything that multiplies a gradient by s works in the basis of
+# Sigma, on z = U y, and never on pixels: with s up to s_huge = 1e8 (a missing pixel, a dropped
+# frequency), a gradient formed in pixel space mixes coordinates of size 1e-4 (uninformative) with
+# coordinates of size 1e2 (informative), and float32 keeps only the latter's digits; multiplying
+# the transform back by s turns that rounding into errors of order 1e2 (measured: a -18 dB
+# posterior mean for deblurring). With z as the autograd leaf, each coordinate's gradient carries
+# its own 1/v before any transform mixes it with the others.
+
+def energy_of_z(energy, z, cov):
+    """E as a function of the basis coordinates z = U y. Energies written from z (EnergyModel,
+    GaussianEnergy: an `energy_z` method) are called directly; any other callable energy(y, cov)
+    is evaluated at y = U^H z (fine for tests and toys; it round-trips through pixels)."""
+    if hasattr(energy, "energy_z"):
+        return energy.energy_z(z, cov)
+    return energy(cov.Uh(z), cov)
+
+
+def real_dtype(z):
+    return z.real.dtype if z.is_complex() else z.dtype
+
+
+def sum_coords(terms):
+    """Sum of per-coordinate terms over each image, in float64: an energy is ~1e4 nats while MALA and
+    blind estimation compare differences of a few nats, below float32's resolution at 1e4 (2e-3)."""
+    return terms.double().flatten(1).sum(1)
 
 
 # -----------------------------------------------------------------------------
@@ -39,59 +69,95 @@ class EnergyModel(nn.Module):
     with v = sigma_d^2 + s, y~ = v^{-1/2} * U(y - mu) (whitened) and w = sigma_d^2 / v in (0, 1].
     The first two terms are the exact energy of the Gaussian prior N(mu, sigma_d^2 I); the learned
     term vanishes like 1/s, so E_theta -> the Gaussian limit as s -> infinity for any theta
-    (METHOD.md §3), which anchors the normalization.
+    (docs/method.md §3), which anchors the normalization.
 
     The network sees sqrt(w) y~ = sigma_d (y - mu) / v (the Wiener-shrunk input, scale <= 1, unit at
-    low noise) rather than y~ itself (METHOD.md's form). Reason: Tweedie (M4) multiplies dE/dy_k by
-    s_k. With input y~, the network's sensitivity to a coordinate carrying no information
-    (s_k = 1e8: a missing pixel, a dropped frequency) is ~ v_k^{-1/2}, so the posterior mean picks up
-    errors ~ sqrt(s_k) ~ 1e4 times any residual sensitivity; with sqrt(w) y~ it is ~ 1/v_k, the
-    true energy's own scaling, and the error stays O(1). tests/test_energy.py shows both for a
-    random network; README, Deviations.
+    low noise) rather than y~ itself. Reason: Tweedie (M4) multiplies dE/dy_k by s_k. With input
+    y~, the network's sensitivity to a coordinate carrying no information (s_k = 1e8: a missing
+    pixel, a dropped frequency) is ~ v_k^{-1/2}, so the posterior mean picks up errors ~ sqrt(s_k)
+    ~ 1e4 times any residual sensitivity; with sqrt(w) y~ it is ~ 1/v_k, the true energy's own
+    scaling, and the error stays O(1). tests/test_energy.py shows both for a random network.
+
+    Above the training range (s > S_MAX = 1e3, up to s_huge) the network sees log s clamped to
+    S_MAX in its embedding (nets.sinusoidal) and an input sqrt(w) y~ ~ sigma_d zeta / sqrt(s) -> 0:
+    such coordinates look alike to it whatever their s, and the posterior mean does not depend on s
+    there (tests/test_precision.py).
     """
 
     def __init__(self, net, mean=0.5, data_var=0.1):
         super().__init__()
         self.net, self.mean, self.data_var = net, float(mean), float(data_var)
 
-    def forward(self, y, cov):
-        # The whitening and the reductions run outside autocast, in float32 or float64: MALA and blind
-        # estimation compare energies that differ by a few nats out of 1e4 (METHOD.md §3, Precision).
-        with torch.autocast(y.device.type, enabled=False):
+    def mean_z(self, z, cov):
+        """U mu: the data mean in basis coordinates (a constant image: only the DC coefficient in fft/dct)."""
+        return cov.U(torch.full(z.shape, self.mean, dtype=real_dtype(z), device=z.device))
+
+    def energy_z(self, z, cov, part="all"):
+        """M3 from the basis coordinates z = U y, (B,) in float64. part="learned" returns the learned
+        term alone (posterior_mean adds the Gaussian part in closed form)."""
+        # The whitening and the reductions run outside autocast: MALA and blind estimation compare
+        # energies that differ by a few nats out of 1e4 (docs/method.md §3, Precision).
+        with torch.autocast(z.device.type, enabled=False):
             v = self.data_var + cov.s  # (B, C, H, W)
-            y_t = cov.U(y - self.mean) * v.rsqrt()  # whitened basis coordinates y~
+            r = z - self.mean_z(z, cov)  # U(y - mu)
+            y_t = r * v.rsqrt()  # whitened coordinates y~
             w = self.data_var / v
-            x_in = cov.Uh(w.sqrt() * y_t)  # Wiener-shrunk network input, sigma_d (y - mu) / v in the basis
-        F = self.net(x_in, cov)  # (B, C, H, W); may be bf16 under autocast
-        with torch.autocast(y.device.type, enabled=False):
-            F = F.to(v.dtype)
-            gauss = 0.5 * y_t.abs().square() + 0.5 * (LOG_2PI + v.log())
-            learned = 0.5 * (y_t.conj() * w * cov.U(F)).real  # real part: fft coordinates are complex
-            return (gauss + learned).flatten(1).sum(1)
+            x_in = cov.Uh(math.sqrt(self.data_var) * r / v)  # U^H(sqrt(w) y~): the Wiener-shrunk network input
+        F = self.net(x_in.to(self.dtype), cov)  # (B, C, H, W); bf16 under autocast
+        with torch.autocast(z.device.type, enabled=False):
+            learned = sum_coords(0.5 * (y_t.conj() * w * cov.U(F.to(real_dtype(z)))).real)  # real part: fft is complex
+            if part == "learned":
+                return learned
+            # 1/2 sum log(2 pi v) from s in float64 (it is ~1e4 nats at s_huge; only differences matter)
+            gauss = sum_coords(0.5 * y_t.abs().square()) + sum_coords(0.5 * (LOG_2PI + (self.data_var + cov.s.double()).log()))
+            return gauss + learned
+
+    @property
+    def dtype(self):
+        """The network's parameter dtype (its input is cast to it)."""
+        p = next(self.net.parameters(), None)
+        return p.dtype if p is not None else torch.get_default_dtype()
+
+    def forward(self, y, cov):
+        return self.energy_z(cov.U(y), cov)
+
+    def posterior_mean(self, y, cov):
+        """Anisotropic Tweedie (M4), x^ = y - Sigma dE/dy = U^H(z - s * dE/dz), with M3's Gaussian part in
+        closed form: z - s (z - mu)/v = mu + w (z - mu) exactly, and only the learned term differentiated.
+        Written as the difference, the two would cancel to ~1e-4 of z ~ 1e4 at s = 1e8 in float32."""
+        z = cov.U(y)
+        mu = self.mean_z(z, cov)
+        w = self.data_var / (self.data_var + cov.s)
+        _, score_learned, _ = energy_and_scores(self, z, cov, need_log_s=False, part="learned")
+        return cov.Uh(mu + w * (z - mu) - cov.s * score_learned)
 
 
 def gaussian_limit_energy(y, cov, mean, data_var):
     """-log N(y; mu, sigma_d^2 I + Sigma): the limit of M3 as s -> infinity (paper eq. 11)."""
     v = data_var + cov.s
-    return (0.5 * cov.U(y - mean).abs().square() / v + 0.5 * (LOG_2PI + v.log())).flatten(1).sum(1)
+    return sum_coords(0.5 * cov.U(y - mean).abs().square() / v) + sum_coords(0.5 * (LOG_2PI + v.double().log()))
 
 
 # -----------------------------------------------------------------------------
-# E, dE/dy and dE/dlog s from one autograd call.
+# E, dE/dz and dE/dlog s from one autograd call.
 
-def energy_and_scores(energy, y, cov, create_graph=False, need_log_s=True):
-    """Returns E (B,), score_y = dE/dy (B, C, H, W) and score_log_s = dE/dlog s (B, C, H, W, in the
-    covariance's basis), from ONE call of torch.autograd.grad. With create_graph=True the scores
-    stay differentiable in the parameters (training differentiates them again). need_log_s=False
-    skips the covariance score (single score matching, and samplers that need only dE/dy).
+def energy_and_scores(energy, z, cov, create_graph=False, need_log_s=True, part="all"):
+    """E (B,), score_z = dE/dz and score_log_s = dE/dlog s, both (B, C, H, W) in the covariance's basis,
+    from ONE call of torch.autograd.grad. z = cov.U(y) are the basis coordinates of the images;
+    score_z = U dE/dy (complex for fft), so cov.Uh(score_z) is the pixel gradient dE/dy.
+    With create_graph=True the scores stay differentiable in the parameters (training differentiates
+    them again). need_log_s=False skips the covariance score (single score matching, and samplers
+    that need only dE/dz). part="learned" differentiates M3's learned term alone (EnergyModel).
     """
     with torch.enable_grad():
-        y = y.detach().requires_grad_(True)
-        log_s = cov.log_s.detach().requires_grad_(need_log_s)
-        E = energy(y, Covariance.from_log_s(log_s, cov.basis))
-        inputs = (y, log_s) if need_log_s else (y,)
+        z = z.detach().requires_grad_(True)
+        if need_log_s:
+            log_s = cov.log_s.detach().requires_grad_(True)
+            cov = Covariance.from_log_s(log_s, cov.basis)
+        E = energy_of_z(energy, z, cov) if part == "all" else energy.energy_z(z, cov, part=part)
+        inputs = (z, log_s) if need_log_s else (z,)
         grads = torch.autograd.grad(E.sum(), inputs, create_graph=create_graph)
-    score_y = grads[0]
+    score_z = grads[0]
     score_log_s = grads[1] if need_log_s else None
     if need_log_s and cov.basis == "fft":
         # Sigma is real only for s[k] = s[-k]: the meaningful derivative is along that constraint,
@@ -99,31 +165,36 @@ def energy_and_scores(energy, y, cov, create_graph=False, need_log_s=True):
         score_log_s = 0.5 * (score_log_s + reflect_freq(score_log_s))
     if not create_graph:
         E = E.detach()
-    return E, score_y, score_log_s
+    return E, score_z, score_log_s
 
 
 def posterior_mean(energy, y, cov):
-    """Anisotropic Tweedie: x^ = y - Sigma dE/dy  (M4)."""
-    _, score_y, _ = energy_and_scores(energy, y, cov, need_log_s=False)
-    return y - cov.apply(score_y)
+    """Anisotropic Tweedie: x^ = y - Sigma dE/dy  (M4), formed in the basis, x^ = U^H(z - s * dE/dz).
+    EnergyModel and GaussianEnergy apply their Gaussian part in closed form (their posterior_mean);
+    any other energy goes through the generic formula."""
+    if hasattr(energy, "posterior_mean"):
+        return energy.posterior_mean(y, cov)
+    z = cov.U(y)
+    _, score_z, _ = energy_and_scores(energy, z, cov, need_log_s=False)
+    return cov.Uh(z - cov.s * score_z)
 
 
 # -----------------------------------------------------------------------------
-# Dual score matching (METHOD.md §4).
+# Dual score matching (docs/method.md §4).
 
 def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None):
     """Per-image A-DSM and A-CSM losses for clean images x (B, C, H, W) under covariances cov.
     y = x + U^H(sqrt(s) zeta), zeta drawn here unless given (basis coordinates of white noise, as
     cov.sample returns them); returns (L_dsm, L_csm), each (B,) (L_csm is None if not need_csm)."""
     if zeta is None:
-        n, zeta = cov.sample(generator)
-    else:
-        n = cov.Uh(cov.s.sqrt() * zeta)
-    y = x + n
-    _, score_y, score_log_s = energy_and_scores(energy, y, cov, create_graph=True, need_log_s=need_csm)
+        zeta = white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
+    # z = U y formed in the basis, never as pixels: a dropped frequency (s = 1e8) would put values
+    # ~1e4 in every pixel and round away the informative coordinates' low noise in float32.
+    z = cov.U(x) + cov.s.sqrt() * zeta
+    _, score_z, score_log_s = energy_and_scores(energy, z, cov, create_graph=True, need_log_s=need_csm)
     d = x[0].numel()
     # (M5) A-DSM: (1/d) |sqrt(s) * U dE/dy - zeta|^2 = (1/d) |Sigma^{-1/2}(x^ - x)|^2
-    L_dsm = (cov.s.sqrt() * cov.U(score_y) - zeta).abs().square().flatten(1).sum(1) / d
+    L_dsm = (cov.s.sqrt() * score_z - zeta).abs().square().flatten(1).sum(1) / d
     if not need_csm:
         return L_dsm, None
     # (M6, M7) A-CSM: dE/dlog s_k should regress the target 1/2 (1 - |zeta_k|^2)
@@ -176,7 +247,11 @@ class GaussianEnergy(nn.Module):
     mean: a number or a (C, H, W) tensor. C: either a dense (d, d) covariance matrix (exact by
     Cholesky, for images up to about 32x32x1), or a `Covariance` with batch 1, i.e. a prior
     diagonal in some basis (a stationary field is diagonal in fft). When Sigma is diagonal in that
-    same basis the energy is a sum over coordinates, exact at any size; otherwise C is made dense.
+    same basis the energy is a sum over coordinates, exact at any size, in the inputs' dtype;
+    otherwise it is computed densely (one (HW, HW) block per channel for a diagonal prior, whose
+    channels are independent) in float64: C + Sigma has a condition number up to ~1e11 at s_huge,
+    beyond float32's Cholesky. The posterior mean (the Wiener filter) is closed-form on the diagonal
+    path and otherwise solved by conjugate gradients in float64, a few seconds at 64x64x3.
     """
 
     def __init__(self, mean, C):
@@ -195,51 +270,111 @@ class GaussianEnergy(nn.Module):
             self.register_buffer("C_matrix", C.detach().clone())
         dtype = (self.c if self.c is not None else self.C_matrix).dtype
         self.register_buffer("mean", torch.as_tensor(mean, dtype=dtype).clone())
+        self._blocks = {}  # per-channel dense blocks of a diagonal prior, made on first use
 
     @property
     def C_dense(self):
-        """The prior covariance as a dense (d, d) matrix (for a diagonal prior, built once when a
-        covariance in another basis first needs it: 1.2 GB at 64x64x3, so never eagerly)."""
+        """The prior covariance as a dense (d, d) matrix in float64 (for a diagonal prior, built once when
+        first needed: 1.2 GB at 64x64x3, so never eagerly)."""
         if self.c is not None and (self.C_matrix is None or self.C_matrix.device != self.c.device):
-            self.C_matrix = Covariance(self.c, self.basis).dense()[0]
-        return self.C_matrix
+            self.C_matrix = Covariance(self.c.double(), self.basis).dense()[0]
+        return self.C_matrix.double()
+
+    def block(self, channel):
+        """The (HW, HW) prior covariance of one channel of a diagonal prior, float64, cached."""
+        key = (channel, self.c.device)
+        if key not in self._blocks:
+            self._blocks[key] = Covariance(self.c[:, channel : channel + 1].double(), self.basis).dense()[0]
+        return self._blocks[key]
 
     def diagonal_with(self, cov):
         return self.basis is not None and cov.basis == self.basis
 
-    def check(self, y, cov):
+    def check(self, z, cov):
         d = self.c[0].numel() if self.c is not None else self.C_matrix.shape[0]
-        if y.shape != cov.s.shape or y[0].numel() != d:
-            raise ValueError(f"images {tuple(y.shape)} and covariance {cov.shape} must match the prior's dimension {d}")
+        if z.shape != cov.s.shape or z[0].numel() != d:
+            raise ValueError(f"images {tuple(z.shape)} and covariance {cov.shape} must match the prior's dimension {d}")
+
+    def energy_z(self, z, cov):
+        """M9 from the basis coordinates z = U y of cov's basis, (B,) in float64."""
+        self.check(z, cov)
+        if self.diagonal_with(cov):
+            mu = cov.U(self.mean.to(real_dtype(z)).expand(z.shape))
+            v = self.c.to(real_dtype(z)) + cov.s  # eigenvalues of C + Sigma, (B, C, H, W)
+            return sum_coords(0.5 * (z - mu).abs().square() / v) + sum_coords(0.5 * (LOG_2PI + v.double().log()))
+        y = cov.Uh(z.to(torch.complex128 if z.is_complex() else torch.float64))  # dense path: float64 throughout
+        return self.dense_energy(y - self.mean.double(), Covariance(cov.s.double(), cov.basis, check=False))
+
+    def dense_energy(self, r, cov):
+        """M9 by Cholesky for residuals r = y - mu (float64); one block per channel for a diagonal prior."""
+        if self.c is not None:  # channels independent: sum of per-channel energies
+            return sum(self.dense_energy_block(r[:, ch].flatten(1), self.block(ch), cov[:, ch : ch + 1])
+                       for ch in range(r.shape[1]))
+        return self.dense_energy_block(r.flatten(1), self.C_dense, cov)
+
+    @staticmethod
+    def dense_energy_block(r, C, cov):
+        K = C + cov.dense()  # (B, n, n)
+        L = torch.linalg.cholesky(K)
+        u = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False).squeeze(-1)
+        logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return 0.5 * u.square().sum(1) + 0.5 * logdet + 0.5 * u.shape[1] * LOG_2PI
 
     def forward(self, y, cov):
-        self.check(y, cov)
-        r = y - self.mean.to(y.dtype)
-        if self.diagonal_with(cov):
-            v = self.c.to(y.dtype) + cov.s  # eigenvalues of C + Sigma, (B, C, H, W)
-            return (0.5 * cov.U(r).abs().square() / v + 0.5 * (LOG_2PI + v.log())).flatten(1).sum(1)
-        K = self.C_dense.to(y.dtype) + cov.dense()  # (B, d, d)
-        L = torch.linalg.cholesky(K)
-        z = torch.linalg.solve_triangular(L, r.flatten(1).unsqueeze(-1), upper=False).squeeze(-1)
-        logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        return 0.5 * z.square().sum(1) + 0.5 * logdet + 0.5 * z.shape[1] * LOG_2PI
+        return self.energy_z(cov.U(y), cov)
 
     def posterior_mean(self, y, cov):
-        """mu + C (C + Sigma)^{-1} (y - mu) (M9), the Wiener filter."""
+        """mu + C (C + Sigma)^{-1} (y - mu) (M9), the Wiener filter, in y's dtype."""
         self.check(y, cov)
-        r = y - self.mean.to(y.dtype)
-        if self.diagonal_with(cov):
-            c = self.c.to(y.dtype)
-            return self.mean.to(y.dtype) + cov.Uh(c / (c + cov.s) * cov.U(r))
-        C = self.C_dense.to(y.dtype)
-        K = C + cov.dense()
-        sol = torch.linalg.solve(K, r.flatten(1).unsqueeze(-1))
-        return self.mean.to(y.dtype) + (C @ sol).reshape(y.shape)
+        isotropic = (cov.s == cov.s.flatten(1)[:, :1, None, None]).all()  # s I is diagonal in every basis
+        if self.basis is not None and (cov.basis == self.basis or isotropic):
+            c, U, Uh = self.c.to(y.dtype), (lambda x: to_basis(x, self.basis)), (lambda x: from_basis(x, self.basis))
+            s = cov.s if cov.basis == self.basis else cov.s.flatten(1)[:, 0].view(-1, 1, 1, 1)
+            mu = self.mean.to(y.dtype)
+            return mu + Uh(c / (c + s) * U(y - mu))
+        if self.c is not None:
+            return self.wiener_cg(y, cov).to(y.dtype)
+        r = (y - self.mean).double().flatten(1).unsqueeze(-1)
+        C = self.C_dense
+        sol = torch.linalg.solve(C + cov.dense().double(), r)
+        return (self.mean.double() + (C @ sol).reshape(y.shape)).to(y.dtype)
+
+    def wiener_cg(self, y, cov, tol=1e-10, max_iter=5000):
+        """The Wiener filter when C and Sigma are diagonal in different bases: solve the posterior-precision
+        system (C^-1 + Sigma^-1) x = C^-1 mu + Sigma^-1 y by preconditioned conjugate gradients in
+        float64. Preconditioner: diagonal in Sigma's basis, 1 / (1/s + mean(1/c)) (the mean of 1/c is the
+        exact pixel diagonal of a stationary C^-1). Coordinates with s = s_huge carry Sigma^-1 ~ 1e-8."""
+        f64 = torch.float64
+        c, s, y = self.c.to(f64), cov.s.to(f64), y.to(f64)
+        mu = self.mean.to(f64).expand_as(y)
+        prior_prec = lambda x: from_basis(to_basis(x, self.basis) / c, self.basis)  # C^-1 x
+        noise_prec = lambda x: cov.Uh(cov.U(x) / s)  # Sigma^-1 x
+        A = lambda x: prior_prec(x) + noise_prec(x)
+        kappa = (1 / c).mean(dim=(-2, -1), keepdim=True)  # (1, C, 1, 1)
+        M_inv = lambda x: cov.Uh(cov.U(x) / (1 / s + kappa))
+        dot = lambda a, b: (a * b).flatten(1).sum(1).view(-1, 1, 1, 1)
+        b = prior_prec(mu) + noise_prec(y)
+        x = M_inv(b)
+        r = b - A(x)
+        p = M_inv(r)
+        rz = dot(r, p)
+        b_norm = dot(b, b).sqrt()
+        for _ in range(max_iter):
+            if (dot(r, r).sqrt() <= tol * b_norm).all():
+                return x
+            Ap = A(p)
+            alpha = rz / dot(p, Ap)
+            x, r = x + alpha * p, r - alpha * Ap
+            z = M_inv(r)
+            rz_new = dot(r, z)
+            p, rz = z + rz_new / rz * p, rz_new
+        raise RuntimeError(f"Wiener filter: conjugate gradients did not converge in {max_iter} iterations "
+                           f"(relative residual {(dot(r, r).sqrt() / b_norm).max().item():.1e})")
 
     def posterior_cov(self, cov):
-        """C - C (C + Sigma)^{-1} C as dense (B, d, d) matrices (M9)."""
-        C = self.C_dense.to(cov.s.dtype)
-        K = C + cov.dense()
+        """C - C (C + Sigma)^{-1} C as dense (B, d, d) float64 matrices (M9)."""
+        C = self.C_dense
+        K = C + cov.dense().double()
         return C - C @ torch.linalg.solve(K, C.expand_as(K))
 
     def sample(self, n, generator=None):

@@ -74,8 +74,10 @@ def from_basis(z, basis):
 
 def white_noise(shape, basis, generator=None, dtype=None, device="cpu"):
     """Basis coordinates zeta of real white noise xi ~ N(0, I): zeta = U xi (complex for fft, with
-    zeta[k] = conj(zeta[-k])); for pixel and dct, xi itself has the law of U xi, so zeta = xi."""
-    xi = torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(), device=device)
+    zeta[k] = conj(zeta[-k])); for pixel and dct, xi itself has the law of U xi, so zeta = xi.
+    Drawn in float64 and cast, so a run in float32 and its float64 reference see the same noise."""
+    xi = torch.randn(shape, generator=generator, dtype=torch.float64, device=device)
+    xi = xi.to(dtype or torch.get_default_dtype())
     return xi if basis != "fft" else to_basis(xi, basis)
 
 
@@ -323,15 +325,22 @@ class Degradation:
         return Covariance(torch.where(self.informative, self.sigma_n ** 2 / a2, self.s_huge), self.basis)
 
     def to_denoising(self, y_obs, mean=0.5, generator=None):
-        """(M2) y~ = U^H(U y_obs / a) = x + U^H(sigma_n xi' / a) on informative coordinates; on the
-        others a draw mu_k + sqrt(s_huge) zeta_k, so y~ stays a valid draw x + Sigma^{1/2} zeta."""
-        cov = self.covariance()
+        """(M2) y~ = U^H(U y_obs / a) = x + U^H(sigma_n xi' / a) on informative coordinates. The others
+        carry no information about x; they hold the data mean mu_k, not a draw of std sqrt(s_huge) = 1e4:
+        such a draw would change no answer (the posterior mean does not depend on it, and blind
+        deblurring and Bayes' rule remove its Gaussian-limit energy), but in a spectral basis it
+        spreads values ~1e4 over every pixel, and a float32 y~ would round the informative
+        coordinates to ~4e-4 (README, Precision). `generator` is unused; kept for the signature.
+        Returns (y~, Sigma); to_denoising_z gives U y~ without the pixel round trip."""
+        z, cov = self.to_denoising_z(y_obs, mean)
+        return from_basis(z, self.basis), cov
+
+    def to_denoising_z(self, y_obs, mean=0.5):
+        """(U y~, Sigma): M2 in basis coordinates."""
         z = to_basis(y_obs, self.basis)
         a_safe = torch.where(self.informative, self.a, torch.ones_like(self.a))
         mu = to_basis(torch.as_tensor(mean, dtype=y_obs.dtype, device=y_obs.device).expand_as(y_obs), self.basis)
-        zeta = white_noise(y_obs.shape, self.basis, generator, y_obs.dtype, y_obs.device)
-        z = torch.where(self.informative, z / a_safe, mu + math.sqrt(self.s_huge) * zeta)
-        return from_basis(z, self.basis), cov
+        return torch.where(self.informative, z / a_safe, mu), self.covariance()
 
 
 def denoising_problem(shape, sigma_n, dtype=None, device="cpu"):

@@ -20,6 +20,7 @@ The posterior problem. A task gives an anisotropic-denoising observation (y_obs~
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -37,8 +38,13 @@ S_MAX_PRIOR = 25.0 ** 2  # missing coordinates start the reverse diffusion from 
 
 
 def basis_sum(z):
-    """Sum over all but the batch axis of a real or complex basis-coordinate tensor: (B,)."""
-    return z.flatten(1).sum(1).real
+    """Sum over all but the batch axis of a real or complex basis-coordinate tensor, in float64: (B,).
+    (Log-densities are ~1e4 nats whose differences of a few nats matter: README, Precision.)"""
+    return (z.real if z.is_complex() else z).double().flatten(1).sum(1)
+
+
+def real_dtype(z):
+    return z.real.dtype if z.is_complex() else z.dtype
 
 
 def energy_mean(energy):
@@ -47,9 +53,18 @@ def energy_mean(energy):
     return m if torch.is_tensor(m) or isinstance(m, float) else float(m)
 
 
+def energy_tensors(energy):
+    return list(energy.parameters()) + list(energy.buffers()) if isinstance(energy, torch.nn.Module) else []
+
+
 def energy_device(energy):
-    tensors = list(energy.parameters()) + list(energy.buffers()) if isinstance(energy, torch.nn.Module) else []
+    tensors = energy_tensors(energy)
     return tensors[0].device if tensors else torch.device("cpu")
+
+
+def energy_dtype(energy):
+    """The dtype the energy computes in (its first floating tensor; float32 for a plain function)."""
+    return next((t.dtype for t in energy_tensors(energy) if t.is_floating_point()), torch.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -64,7 +79,10 @@ def geometric_level(s0, s_end, t, T):
 def adaptive_level(s, score_log_s, s_target_mean_log, s_end):
     """Energy-guided step (M13): 1/s' = 1/s + gamma relu(dE/ds), with gamma chosen per image (by
     bisection on log gamma) so that mean log s' reaches s_target_mean_log; s' in [s_end, s]
-    (monotone by construction). Coordinates whose energy drops fastest as s shrinks go first."""
+    (monotone by construction). Coordinates whose energy drops fastest as s shrinks go first.
+    Computed in float64: the bisection compares means of ~1e4 log-variances (README, Precision)."""
+    dtype = s.dtype
+    s, score_log_s, s_end = s.double(), score_log_s.double(), s_end.double()
     dE_ds = (score_log_s / s).clamp_min(0)  # dE/ds = (dE/dlog s) / s
     def new_s(log_gamma):
         return (1 / (1 / s + log_gamma.exp().view(-1, 1, 1, 1) * dE_ds)).clamp(min=s_end).minimum(s)
@@ -80,84 +98,89 @@ def adaptive_level(s, score_log_s, s_target_mean_log, s_end):
     if stuck.any():
         shift = (s.log().flatten(1).mean(1) - s_target_mean_log).view(-1, 1, 1, 1)
         s_new = torch.where(stuck.view(-1, 1, 1, 1), (s * torch.exp(-shift)).clamp(min=s_end).minimum(s), s_new)
-    return s_new
+    return s_new.to(dtype)
 
 
 # -----------------------------------------------------------------------------
 # The corrector: Langevin on pi (M11), ULA or MALA.
 
-def log_target(E, y, y_obs, lik_prec, basis):
-    """log pi(y) up to a constant (M11): -E(y, Sigma) - 1/2 |y~ - y|^2 weighted by (Sigma_y - Sigma)^{-1}."""
-    r = cv.to_basis(y_obs - y, basis)
-    return -E - 0.5 * basis_sum(lik_prec * r.abs().square())
+def log_target(E, z, z_obs, lik_prec):
+    """log pi(y) up to a constant (M11): -E(y, Sigma) - 1/2 |y~ - y|^2 weighted by (Sigma_y - Sigma)^{-1},
+    with z = U y and z_obs = U y~ in Sigma's basis."""
+    return -E - 0.5 * basis_sum(lik_prec * (z_obs - z).abs().square())
 
 
-def langevin(energy, y, y_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15, tau=0.9,
-             generator=None, state=None, precond="posterior"):
-    """n_steps corrector steps on pi_s(y) (M11) at the fixed level Sigma = diag(s) in `basis`.
+def langevin(energy, z, z_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15, tau=0.9,
+             generator=None, state=None, precond="posterior", log_alphas=None):
+    """n_steps corrector steps on pi_s(y) (M11) at the fixed level Sigma = diag(s) in `basis`, on the
+    basis coordinates z = U y (z_obs = U y~): no step leaves the basis, so the products with s never
+    see a pixel-space rounding (README, Precision).
 
-    Proposal: y' = y + eta P g(y) + sqrt(2 eta tau) P^{1/2} xi, g = grad log pi, with the
+    Proposal: z' = z + eta P g(z) + sqrt(2 eta tau) P^{1/2} zeta, g = grad log pi, with the
     preconditioner P = s (s_y - s) / s_y, i.e. (Sigma^{-1} + (Sigma_y - Sigma)^{-1})^{-1}: it equals
-    Sigma wherever Sigma_y >> Sigma (METHOD.md writes Sigma) and avoids the stiffness of the
-    likelihood term where Sigma ~ Sigma_y; coordinates with s = s_y (pinned to y~) do not move.
-    ULA accepts always; MALA accepts with min(1, pi(y') q(y|y') / (pi(y) q(y'|y))) using the actual
-    proposal density, so it leaves pi exactly invariant for any tau. `state` = (E, dE/dy) of y if
-    known: MALA and ULA then cost one energy evaluation per step. precond="sigma" uses METHOD.md's
-    P = Sigma instead (kept to show why not: tests/test_sample.py). Returns (y, state, accept rate).
+    Sigma wherever Sigma_y >> Sigma (docs/method.md §7) and avoids the stiffness of the likelihood
+    term where Sigma ~ Sigma_y; coordinates with s = s_y (pinned to y~) do not move.
+    ULA accepts always; MALA accepts with min(1, pi(z') q(z|z') / (pi(z) q(z'|z))) using the actual
+    proposal density, so it leaves pi exactly invariant for any tau. `state` = (E, dE/dz) of z if
+    known: MALA and ULA then cost one energy evaluation per step. precond="sigma" uses P = Sigma
+    instead (kept to show why not: tests/test_sample.py). `log_alphas`, a list, receives MALA's
+    log acceptance ratio (B,) of every step. Returns (z, state, accept rate).
     """
     cov = cv.Covariance(s, basis, check=False)
     gap = (s_y - s).clamp_min(0)
-    huge = s_y >= cv.S_HUGE * 0.999  # no likelihood at all there (METHOD.md §7)
+    huge = s_y >= cv.S_HUGE * 0.999  # no likelihood at all there (docs/method.md §7)
     lik_prec = torch.where(huge | (gap <= 0), torch.zeros_like(gap), 1 / gap.clamp_min(1e-300))
     P = torch.where(huge, s, s * gap / s_y) if precond == "posterior" else s
     moving = P > 0
-    E, grad = state if state is not None else aebm.energy_and_scores(energy, y, cov, need_log_s=False)[:2]
+    E, score = state if state is not None else aebm.energy_and_scores(energy, z, cov, need_log_s=False)[:2]
 
-    def drift(y, grad):  # eta P g(y) in basis coordinates
-        g = -cv.to_basis(grad, basis) + lik_prec * cv.to_basis(y_obs - y, basis)
-        return eta * P * g
+    def drift(z, score):  # eta P g(z): g = -dE/dz + (Sigma_y - Sigma)^{-1} (z_obs - z)
+        return eta * P * (-score + lik_prec * (z_obs - z))
 
-    accepted = torch.zeros(y.shape[0], device=y.device)
+    accepted = torch.zeros(z.shape[0], device=z.device)
     for _ in range(n_steps):
-        zeta = cv.white_noise(y.shape, basis, generator, y.dtype, y.device)
-        mean_fwd = cv.to_basis(y, basis) + drift(y, grad)
-        y_new = cv.from_basis(mean_fwd + (2 * eta * tau * P).sqrt() * zeta, basis)
-        E_new, grad_new, _ = aebm.energy_and_scores(energy, y_new, cov, need_log_s=False)
+        zeta = cv.white_noise(z.shape, basis, generator, real_dtype(z), z.device)
+        mean_fwd = z + drift(z, score)
+        z_new = mean_fwd + (2 * eta * tau * P).sqrt() * zeta
+        E_new, score_new, _ = aebm.energy_and_scores(energy, z_new, cov, need_log_s=False)
         if method == "ula":
-            accept = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+            accept = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
         elif method == "mala":
-            mean_bwd = cv.to_basis(y_new, basis) + drift(y_new, grad_new)
+            mean_bwd = z_new + drift(z_new, score_new)
             var = torch.where(moving, 2 * eta * tau * P, torch.ones_like(P))
-            log_q_fwd = -0.5 * basis_sum(torch.where(moving, (cv.to_basis(y_new, basis) - mean_fwd).abs().square() / var, 0))
-            log_q_bwd = -0.5 * basis_sum(torch.where(moving, (cv.to_basis(y, basis) - mean_bwd).abs().square() / var, 0))
-            log_alpha = (log_target(E_new, y_new, y_obs, lik_prec, basis) - log_target(E, y, y_obs, lik_prec, basis)
+            log_q_fwd = -0.5 * basis_sum(torch.where(moving, (z_new - mean_fwd).abs().square() / var, 0))
+            log_q_bwd = -0.5 * basis_sum(torch.where(moving, (z - mean_bwd).abs().square() / var, 0))
+            log_alpha = (log_target(E_new, z_new, z_obs, lik_prec) - log_target(E, z, z_obs, lik_prec)
                          + log_q_bwd - log_q_fwd)
-            u = torch.rand(y.shape[0], generator=generator, dtype=log_alpha.dtype, device=y.device)
+            u = torch.rand(z.shape[0], generator=generator, dtype=torch.float64, device=z.device)
             accept = u.log() < log_alpha
+            if log_alphas is not None:
+                log_alphas.append(log_alpha)
         else:
             raise ValueError(f"unknown corrector {method!r}: use 'ula' or 'mala'")
         a = accept.view(-1, 1, 1, 1)
-        y, E, grad = torch.where(a, y_new, y), torch.where(accept, E_new, E), torch.where(a, grad_new, grad)
+        z, E, score = torch.where(a, z_new, z), torch.where(accept, E_new, E), torch.where(a, score_new, score)
         accepted += accept.float()
-    return y, (E, grad), (accepted / max(n_steps, 1)).mean().item()
+    return z, (E, score), (accepted / max(n_steps, 1)).mean().item()
 
 
 # -----------------------------------------------------------------------------
 # Reverse anisotropic diffusion (M11-M13).
 
-def initial_state(y_obs, s_y, s0, mean, basis, generator=None):
-    """A draw of y_0 given y~ where s0 < s_y, in the Gaussian-limit approximation (exact as s_y -> inf):
-    y_0 = mu + (s0/s_y)(y~ - mu) + sqrt(s0 (1 - s0/s_y)) zeta; y_0 = y~ where s0 = s_y."""
-    zeta = cv.white_noise(y_obs.shape, basis, generator, y_obs.dtype, y_obs.device)
-    mu = cv.to_basis(torch.as_tensor(mean, dtype=y_obs.dtype, device=y_obs.device).expand_as(y_obs), basis)
+def initial_state(z_obs, s_y, s0, mu, basis, generator=None):
+    """A draw of y_0 given y~ where s0 < s_y, in the Gaussian-limit approximation (exact as s_y -> inf),
+    in basis coordinates: z_0 = mu + (s0/s_y)(z_obs - mu) + sqrt(s0 (1 - s0/s_y)) zeta; z_0 = z_obs
+    where s0 = s_y. mu: U of the data mean."""
+    zeta = cv.white_noise(z_obs.shape, basis, generator, real_dtype(z_obs), z_obs.device)
     r = s0 / s_y
-    z = mu + r * (cv.to_basis(y_obs, basis) - mu) + (s0 * (1 - r)).clamp_min(0).sqrt() * zeta
-    return cv.from_basis(torch.where(s0 < s_y, z, cv.to_basis(y_obs, basis)), basis)
+    z = mu + r * (z_obs - mu) + (s0 * (1 - r)).clamp_min(0).sqrt() * zeta
+    return torch.where(s0 < s_y, z, z_obs)
 
 
 def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_PRIOR, corrector="ula",
                       n_corrector=1, eta=0.15, tau=0.9, schedule="geometric", generator=None, record=False):
-    """Posterior samples for the observation (y_obs, cov_y) by reverse anisotropic diffusion.
+    """Posterior samples for the observation (y_obs, cov_y) by reverse anisotropic diffusion, run on
+    the basis coordinates z = U y of Sigma_y's basis (images come back in pixels).
 
     Returns a namespace: x (the sample at s_end), x_mean (its Tweedie denoising), acceptance
     (mean corrector acceptance; 1 for ULA), evaluations (energy evaluations), and, with record,
@@ -166,48 +189,50 @@ def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_
     s_end_t = torch.full_like(s_y, s_end)
     s0 = s_y.clamp(max=s_max)
     s = s0
-    y = initial_state(y_obs, s_y, s0, energy_mean(energy), basis, generator)
+    z_obs = cov_y.U(y_obs)
+    mu = cov_y.U(torch.full_like(y_obs, 1.0) * energy_mean(energy))
+    z = initial_state(z_obs, s_y, s0, mu, basis, generator)
     need_log_s = schedule == "adaptive"
-    E, grad, score_log_s = aebm.energy_and_scores(energy, y, cv.Covariance(s, basis, check=False), need_log_s=need_log_s)
-    target_end = torch.where(s0 > s_end, s_end_t, s0).log().flatten(1).mean(1)  # mean log s at t = T
+    E, score, score_log_s = aebm.energy_and_scores(energy, z, cv.Covariance(s, basis, check=False), need_log_s=need_log_s)
+    target_end = torch.where(s0 > s_end, s_end_t, s0).double().log().flatten(1).mean(1)  # mean log s at t = T
     trace, acceptance, evaluations = ([s] if record else None), [], 1
     for t in range(levels):
         if schedule == "geometric":
             s_next = geometric_level(s0, s_end, t + 1, levels)
         elif schedule == "adaptive":
-            mean_log = s.log().flatten(1).mean(1)
+            mean_log = s.double().log().flatten(1).mean(1)
             target = mean_log + (target_end - mean_log) / (levels - t)  # spread the rest evenly
             s_next = adaptive_level(s, score_log_s, target, s_end_t) if t + 1 < levels else torch.where(s > s_end, s_end_t, s)
         else:
             raise ValueError(f"unknown schedule {schedule!r}: use 'geometric' or 'adaptive'")
-        # (M12) predictor: y <- y - (Sigma_t - Sigma_{t+1}) dE/dy + (Sigma_t - Sigma_{t+1})^{1/2} xi
+        # (M12) predictor: y <- y - (Sigma_t - Sigma_{t+1}) dE/dy + (Sigma_t - Sigma_{t+1})^{1/2} xi, in the basis
         ds = (s - s_next).clamp_min(0)
-        zeta = cv.white_noise(y.shape, basis, generator, y.dtype, y.device)
-        y = cv.from_basis(cv.to_basis(y, basis) - ds * cv.to_basis(grad, basis) + ds.sqrt() * zeta, basis)
+        zeta = cv.white_noise(z.shape, basis, generator, real_dtype(z), z.device)
+        z = z - ds * score + ds.sqrt() * zeta
         s = s_next
         cov = cv.Covariance(s, basis, check=False)
-        E, grad, score_log_s = aebm.energy_and_scores(energy, y, cov, need_log_s=need_log_s)
+        E, score, score_log_s = aebm.energy_and_scores(energy, z, cov, need_log_s=need_log_s)
         evaluations += 1
         if corrector and n_corrector > 0:
-            y, (E, grad), acc = langevin(energy, y, y_obs, s_y, s, basis, n_corrector, corrector, eta, tau,
-                                         generator, state=(E, grad))
+            z, (E, score), acc = langevin(energy, z, z_obs, s_y, s, basis, n_corrector, corrector, eta, tau,
+                                          generator, state=(E, score))
             evaluations += n_corrector
             acceptance.append(acc)
             if need_log_s:  # the adaptive schedule needs dE/dlog s of the corrected state
-                E, grad, score_log_s = aebm.energy_and_scores(energy, y, cov, need_log_s=True)
+                E, score, score_log_s = aebm.energy_and_scores(energy, z, cov, need_log_s=True)
                 evaluations += 1
         if record:
             trace.append(s)
-    x_mean = y - cv.Covariance(s, basis, check=False).apply(grad)  # (M4) Tweedie at the last level
-    return SimpleNamespace(x=y, x_mean=x_mean, acceptance=sum(acceptance) / max(len(acceptance), 1),
+    x_mean = cov_y.Uh(z - s * score)  # (M4) Tweedie at the last level (s <= s_max: no cancellation)
+    return SimpleNamespace(x=cov_y.Uh(z), x_mean=x_mean, acceptance=sum(acceptance) / max(len(acceptance), 1),
                            evaluations=evaluations, trace=trace)
 
 
 def generate(energy, shape, levels=600, s_end=1e-4, generator=None, **kw):
     """Unconditional samples: the observation is pure noise of variance s_huge (Sigma_y = s_huge I)."""
-    device = energy_device(energy)
-    cov_y = cv.Covariance(torch.full(shape, cv.S_HUGE, device=device), "pixel")
-    y_obs = energy_mean(energy) + math.sqrt(cv.S_HUGE) * torch.randn(shape, generator=generator, device=device)
+    device, dtype = energy_device(energy), energy_dtype(energy)
+    cov_y = cv.Covariance(torch.full(shape, cv.S_HUGE, device=device, dtype=dtype), "pixel")
+    y_obs = energy_mean(energy) + math.sqrt(cv.S_HUGE) * cv.white_noise(shape, "pixel", generator, dtype, device)
     return reverse_diffusion(energy, y_obs, cov_y, levels=levels, s_end=s_end, generator=generator, **kw)
 
 
@@ -221,17 +246,17 @@ def any_order(energy, shape, P, order=None, levels_per_patch=20, s_max=S_MAX_PRI
         raise ValueError(f"patch size {P} must divide the image size {H}x{W}")
     nh, nw = H // P, W // P
     order = list(range(nh * nw)) if order is None else list(order)
-    device = energy_device(energy)
-    s_patch = torch.full((B, C, nh, nw), s_max, device=device)  # (B, C, H/P, W/P)
-    y = energy_mean(energy) + math.sqrt(s_max) * torch.randn(shape, generator=generator, device=device)
+    device, dtype = energy_device(energy), energy_dtype(energy)
+    s_patch = torch.full((B, C, nh, nw), s_max, device=device, dtype=dtype)  # (B, C, H/P, W/P)
+    y = energy_mean(energy) + math.sqrt(s_max) * cv.white_noise(shape, "pixel", generator, dtype, device)
     for k in order:
         for t in range(levels_per_patch):
             cov = cv.patch_covariance(s_patch, P)
-            _, grad, _ = aebm.energy_and_scores(energy, y, cov, need_log_s=False)
+            _, grad, _ = aebm.energy_and_scores(energy, y, cov, need_log_s=False)  # pixel basis: z = y
             s_next = s_patch.clone()
             s_next.view(B, C, -1)[:, :, k] = s_max ** (1 - (t + 1) / levels_per_patch) * s_end ** ((t + 1) / levels_per_patch)
             ds = (s_patch - s_next).repeat_interleave(P, -2).repeat_interleave(P, -1)  # zero outside patch k
-            xi = torch.randn(shape, generator=generator, device=device)
+            xi = cv.white_noise(shape, "pixel", generator, dtype, device)
             y = y - ds * grad + ds.sqrt() * xi  # (M12) in the pixel basis
             s_patch = s_next
     cov = cv.patch_covariance(s_patch, P)
@@ -261,20 +286,20 @@ def degradation_nll(energy, y_obs, prob, mean, generator=None):
     """-log p(y_obs) under the degradation `prob`, from the normalized energy of its denoising
     observation (M2) by a change of variables in the basis, z = U y_obs:
       informative k:    z_k = a_k y~_k      ->  + log |a_k|
-      uninformative k:  z_k ~ N(a_k mu_k, sigma_n^2)  (x is invisible there); the random fill of y~_k
-                        is removed from E with its Gaussian-limit energy (exact as s_huge -> inf).
-    Candidates with different operators A can then be compared (blind deblurring)."""
-    y, cov = prob.to_denoising(y_obs, mean, generator)
+      uninformative k:  z_k ~ N(a_k mu_k, sigma_n^2)  (x is invisible there); the energy of y~_k there,
+                        the Gaussian limit at variance s_huge, is removed (exact as s_huge -> inf).
+    Candidates with different operators A can then be compared (blind deblurring). Everything stays
+    in basis coordinates (the energy of U y~ directly: README, Precision). `generator` is unused."""
+    z_t, cov = prob.to_denoising_z(y_obs, mean)
     with torch.no_grad():
-        E = energy(y, cov).double()
-    inf = prob.informative
+        E = aebm.energy_of_z(energy, z_t, cov).double()
     z = cv.to_basis(y_obs, prob.basis)
     mu = cv.to_basis(torch.as_tensor(mean, dtype=y_obs.dtype, device=y_obs.device).expand_as(y_obs), prob.basis)
-    fill = 0.5 * (cv.to_basis(y - mean, prob.basis).abs().square() / cv.S_HUGE + math.log(2 * math.pi * cv.S_HUGE))
+    fill = 0.5 * ((z_t - mu).abs().square() / prob.s_huge + math.log(2 * math.pi * prob.s_huge))
     noise = 0.5 * ((z - prob.a * mu).abs().square() / prob.sigma_n ** 2 + math.log(2 * math.pi * prob.sigma_n ** 2))
     jac = prob.a.abs().clamp_min(1e-300).log()
-    per_coord = torch.where(inf, jac, noise - fill)
-    return E + basis_sum(per_coord).double()
+    per_coord = torch.where(prob.informative, jac, noise - fill)
+    return E + basis_sum(per_coord)
 
 
 def blind_deblur(energy, y_obs, blur_stds, noises, basis, mean, generator=None):
@@ -415,6 +440,8 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=int, default=16, help="image size with --prior exact")
     p.add_argument("--channels", type=int, default=1, help="channels with --prior exact")
     p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="precision of inference (the weights are cast to it); float64 is the reference (README, Precision)")
     return p.parse_args(argv)
 
 
@@ -425,7 +452,7 @@ def load_prior(args, device):
             raise ValueError("--prior exact is the exact density of the built-in gaussian dataset; drop --dataset")
         ds = data.load_dataset("gaussian", args.img_size, args.channels)
         config = dict(dataset="gaussian", img_size=args.img_size, channels=args.channels, spectral_basis="fft")
-        return ds.prior.to(device), config, ds
+        return copy.deepcopy(ds.prior).to(device), config, ds  # a copy: the dataset keeps sampling in float64
     import train  # the checkpoint format lives there
     if not os.path.exists(args.ckpt):
         raise FileNotFoundError(f"no checkpoint at {args.ckpt}: run `python train.py` first (about 4 minutes on a "
@@ -442,14 +469,15 @@ def main(argv=None):
     args.steps = args.steps or (600 if device.type == "cuda" else 150)
     energy, config, ds = load_prior(args, device)
     exact = args.prior == "exact"
-    dtype = torch.float64 if exact else torch.float32
+    dtype = getattr(torch, args.dtype)
+    energy = energy.to(dtype)  # the checkpoint's weights (or the exact prior's spectrum) in the chosen dtype
     args.basis = args.basis or config.get("spectral_basis", "dct")
     prior_basis = "fft" if exact else "pixel"  # isotropic, so any basis; fft is the exact prior's fast path
     g = torch.Generator(device).manual_seed(args.seed)
     x = ds.get_batch(args.n, torch.Generator().manual_seed(10_000 + args.seed)).to(device, dtype)
     shape, d = x.shape, x[0].numel()
     os.makedirs(args.out, exist_ok=True)
-    report, t0 = {"task": args.task, "sampler": args.sampler, "prior": args.prior}, time.time()
+    report, t0 = {"task": args.task, "sampler": args.sampler, "prior": args.prior, "dtype": args.dtype}, time.time()
     mean = energy_mean(energy)
 
     if args.task == "uncond":
@@ -457,7 +485,9 @@ def main(argv=None):
                        corrector=None if args.sampler == "mean" else ("mala" if args.sampler == "mala" else "ula"))
         rows, samples = [res.x_mean], [res.x_mean]
     else:
-        y, cov_y, y_obs, task = observe(args, x, mean, g)
+        # the observation is drawn in float64 and cast, so --dtype float64 restores exactly the same data
+        y, cov_y, y_obs, task = observe(args, x.double(), mean, g)
+        y, y_obs, cov_y = y.to(dtype), y_obs.to(dtype), cv.Covariance(cov_y.s.to(dtype), cov_y.basis)
         if args.blind:
             if args.task == "inpaint" and args.mask == "box":
                 H = shape[-1]
@@ -502,6 +532,7 @@ def main(argv=None):
                 samples.append(res.x_mean)
                 report.setdefault("acceptance", []).append(res.acceptance)
         rows = [x, y_obs, x_hat] + samples
+        report["psnr_observation"] = psnr(y_obs, x).mean().item()  # the baseline any restoration must beat
         report["psnr_mean"], report["ssim_mean"] = psnr(x_hat, x).mean().item(), ssim(x_hat, x).mean().item()
         if samples:
             report["psnr_samples"] = torch.stack([psnr(s, x) for s in samples]).mean().item()

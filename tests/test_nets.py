@@ -113,8 +113,8 @@ def test_energy_is_finite_over_the_whole_range_and_tends_to_the_gaussian_limit(b
         cov = cv.isotropic(s, (2, 1, 8, 8), basis, dtype=torch.float64)
         n, _ = cov.sample(torch.Generator().manual_seed(1))
         y = torch.rand(2, 1, 8, 8, dtype=torch.float64) + n
-        E, score_y, score_log_s = aebm.energy_and_scores(model, y, cov)
-        assert torch.isfinite(E).all() and torch.isfinite(score_y).all() and torch.isfinite(score_log_s).all()
+        E, score_z, score_log_s = aebm.energy_and_scores(model, cov.U(y), cov)
+        assert torch.isfinite(E).all() and torch.isfinite(score_z).all() and torch.isfinite(score_log_s).all()
         gaps[s] = (E - aebm.gaussian_limit_energy(y, cov, model.mean, model.data_var)).abs().max().item()
     assert gaps[1e-3] > 1e-2  # the learned term matters at low noise
     assert gaps[1e4] < 0.1 and gaps[1e6] < 1e-3 and gaps[1e4] > 30 * gaps[1e6]  # O(1/s), METHOD.md §3
@@ -131,22 +131,22 @@ def test_isotropic_sigma_gets_the_same_energy_in_every_basis():
     results = []
     for basis in cv.BASES:
         cov = cv.isotropic(torch.tensor([1e-4, 0.05, 3.0]), y.shape, basis, dtype=torch.float64)
-        E, score_y, score_log_s = aebm.energy_and_scores(model, y, cov)
-        results.append((E, score_y, score_log_s.flatten(1).sum(1)))  # total derivative along sigma^2
+        E, score_z, score_log_s = aebm.energy_and_scores(model, cov.U(y), cov)
+        results.append((E, cov.Uh(score_z), score_log_s.flatten(1).sum(1)))  # total derivative along sigma^2
     for E, score_y, total in results[1:]:
         torch.testing.assert_close(E, results[0][0], atol=1e-9, rtol=1e-12)
         torch.testing.assert_close(score_y, results[0][1], atol=1e-9, rtol=1e-9)
         torch.testing.assert_close(total, results[0][2], atol=1e-9, rtol=1e-9)
 
 
-def test_energy_reduction_stays_float32_under_bf16_autocast():
+def test_energy_reduction_is_float64_under_bf16_autocast():
     torch.manual_seed(0)
     model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 8, 1), std=0.05))
     y = torch.rand(2, 1, 8, 8)
     cov = some_covariance("dct", y.shape)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         E = model(y, cov)
-    assert E.dtype == torch.float32
+    assert E.dtype == torch.float64  # the sum over coordinates: README, Precision
     torch.testing.assert_close(E, model(y, cov), rtol=2e-2, atol=0.5)
 
 
