@@ -1,95 +1,141 @@
 """
-Speed benchmarks, nanoGPT-style: they import the real code and time it; nothing here is used by
-training or sampling. Ratios are measured within one run (machines are shared and noisy).
+Speed (and GPU precision) benchmarks, nanoGPT-style: they import the real code and time it; nothing
+here is used by training or sampling. Ratios are measured within one run, with the variants
+interleaved and medians taken (machines are shared and noisy).
 
-    python bench.py                                  # small config, CPU, under a minute
-    python bench.py --config paper64 --device cuda --batch 16 --bf16 --tf32 --channels-last
+    python bench.py                                  # training-step ratios, small config, CPU (~1 min)
     python bench.py --what sample                    # restoration time and the MALA/ULA step ratio
+    python bench.py --suite gpu                      # the one prepared GPU check (< 6 min on one H100)
+    python bench.py --suite gpu --device cpu         # the same check at a small size (tests run it)
 
 --what train times, on the same UNet and batch:
   (a) a score-model step: the UNet as a plain denoiser (predict the noise, MSE, backward);
-  (b) an energy step with A-DSM only (M5): one extra backward for dE/dy, create_graph=True;
-  (c) an energy step with both losses (M8): dE/dy and dE/dlog s from the same autograd call.
+  (b) an energy step with A-DSM only (M5): one extra backward for dE/dz, create_graph=True;
+  (c) an energy step with both losses (M8): dE/dz and dE/dlog s from the same autograd call;
 and prints b/a, c/a, c/b (the paper reports c/a ~ 3.75 and c/b ~ 1.07 on GPUs).
 
---what sample times the deblurring of --n images with --levels levels and one corrector step
-(ULA, then MALA) and prints the seconds per run and the MALA/ULA corrector-step ratio.
+--suite gpu runs, with the device's name:
+  1. the paper64 training step at the paper's per-GPU batch (16), bf16 autocast, TF32, channels_last:
+     (a), (b), (c), their ratios and peak memory;
+  2. the real entry point, `torchrun --nproc_per_node=1 train.py --dataset imagenet64` on a small
+     ImageNet64 npz written here (NCCL on CUDA), with a checkpoint and a resume: images/s and the
+     projected wall time of the paper's 400k steps on 8 such GPUs;
+  3. sampling: 16 images 64x64x3, deblurring, 600 levels, one corrector step each, ULA and MALA;
+  4. precision of bf16 autocast against float32 on the same device: posterior means of every task,
+     energy differences between blind-estimation candidates, MALA log acceptance ratios.
+Each part reports its own failure and the next one still runs.
 """
 
 import argparse
+import copy
+import csv
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 
 import aebm
 import covariances as cv
+import data
 import nets
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--what", choices=["train", "sample"], default="train", help="which benchmark")
-parser.add_argument("--config", default="small", help=f"network config, one of {sorted(nets.CONFIGS)}")
-parser.add_argument("--img-size", type=int, default=None, help="image size (default: 32 for small, 64 otherwise)")
-parser.add_argument("--channels", type=int, default=3, help="image channels")
-parser.add_argument("--batch", type=int, default=8, help="batch size (train) ")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-parser.add_argument("--bf16", action="store_true", help="run the UNet under bf16 autocast (reductions stay float32)")
-parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA")
-parser.add_argument("--channels-last", action="store_true", help="channels_last memory format for the UNet")
-parser.add_argument("--n", type=int, default=4, help="images to restore (sample)")
-parser.add_argument("--levels", type=int, default=20, help="noise levels of the reverse diffusion (sample)")
-parser.add_argument("--seed", type=int, default=0, help="random seed")
-args = parser.parse_args()
-
-torch.manual_seed(args.seed)
-device = torch.device(args.device)
-if args.tf32:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-size = args.img_size or (32 if args.config in ("small", "tiny") else 64)
-net = nets.build_unet(args.config, size, args.channels).to(device)
-if args.channels_last:
-    net = net.to(memory_format=torch.channels_last)
-energy = aebm.EnergyModel(net)
-autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+# Sizes of the GPU suite: the real ones on CUDA, a small stand-in on CPU (so a test keeps it alive).
+SUITE = {
+    "cuda": dict(config="paper64", size=64, batch=16, rounds=10, n=16, levels=600, fp32_levels=60,
+                 entry=dict(steps=30, resume_steps=40, extra=[])),
+    "cpu": dict(config="tiny", size=16, batch=4, rounds=2, n=2, levels=4, fp32_levels=4,
+                entry=dict(steps=2, resume_steps=3, extra=["--config", "tiny", "--img-size", "16", "--bf16", "0",
+                                                           "--tf32", "0"])),
+}
 
 
-def sync():
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=["gpu"], default=None, help="run the prepared GPU check (any --device)")
+    p.add_argument("--what", choices=["train", "sample"], default="train", help="which single benchmark")
+    p.add_argument("--config", default="small", help=f"network config, one of {sorted(nets.CONFIGS)}")
+    p.add_argument("--img-size", type=int, default=None, help="image size (default: 32 for small/tiny, 64 otherwise)")
+    p.add_argument("--channels", type=int, default=3, help="image channels")
+    p.add_argument("--batch", type=int, default=8, help="batch size (train)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds per variant (interleaved; median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--bf16", action="store_true", help="run the UNet under bf16 autocast (reductions stay float64)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for the UNet")
+    p.add_argument("--n", type=int, default=4, help="images to restore (sample)")
+    p.add_argument("--levels", type=int, default=20, help="noise levels of the reverse diffusion (sample)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    return p.parse_args(argv)
+
+
+def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def timed(step, n_steps):
-    for _ in range(args.warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    sync()
-    return (time.perf_counter() - t0) / n_steps
+def interleaved(fns, device, rounds, warmup):
+    """Median seconds per call of each function in `fns` (name -> callable), timed round-robin."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def describe():
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    flags = [f for f, on in (("bf16", args.bf16), ("tf32", args.tf32), ("channels_last", args.channels_last)) if on]
-    return (f"{args.config} ({nets.count_parameters(net) / 1e6:.2f} M params), {size}x{size}x{args.channels}, "
-            f"{name}, torch {torch.__version__}, {' '.join(flags) or 'fp32'}")
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU x{torch.get_num_threads()} threads"
 
 
-if args.what == "train":
-    shape = (args.batch, args.channels, size, size)
+def build_energy(config, size, channels, device, channels_last=False, random_output=False, seed=0):
+    """The UNet energy of a config. random_output: the zero-initialised layers get small random weights,
+    so the learned term is not zero (precision checks; timings do not depend on the weights)."""
+    torch.manual_seed(seed)
+    net = nets.build_unet(config, size, channels)
+    if random_output:
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, torch.nn.Conv2d) and m.weight.abs().max() == 0:
+                    m.weight.normal_(0, 0.02)
+    net = net.to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return aebm.EnergyModel(net)
+
+
+# -----------------------------------------------------------------------------
+# 1. The training step: score model vs energy (DSM) vs energy (dual).
+
+def train_step_times(config, size, channels, batch, device, bf16, channels_last, rounds, warmup, seed=0):
+    energy = build_energy(config, size, channels, device, channels_last, seed=seed)
+    net = energy.net
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    shape = (batch, channels, size, size)
     x = torch.rand(shape, device=device)
-    groups = cv.sample_training_covariances(shape, "fft", generator=torch.Generator().manual_seed(0), device=device)
+    groups = cv.sample_training_covariances(shape, "fft", generator=torch.Generator().manual_seed(seed), device=device)
 
     def score_step():  # (a) the same UNet as a plain denoiser: predict zeta from the whitened y
         opt.zero_grad(set_to_none=True)
         loss = 0
         for idx, cov in groups:
-            n, zeta = cov.sample()
-            y_in = cov.Uh(cov.U(x[idx] + n - energy.mean) * (energy.data_var + cov.s).rsqrt())
+            zeta = cv.white_noise(cov.s.shape, cov.basis, None, cov.s.dtype, device)
+            z = cov.U(x[idx]) + cov.s.sqrt() * zeta
+            y_in = cov.Uh((z - cov.U(torch.full_like(x[idx], energy.mean))) * (energy.data_var + cov.s).rsqrt())
             with autocast:
                 pred = net(y_in, cov)
             loss = loss + (cov.U(pred.float()) - zeta).abs().square().sum() / x.numel()
@@ -105,34 +151,273 @@ if args.what == "train":
             opt.step()
         return step
 
-    print(f"train step, batch {args.batch}: {describe()}")
-    a = timed(score_step, args.steps)
-    b = timed(energy_step(0.0), args.steps)
-    c = timed(energy_step(1.0), args.steps)
-    print(f"(a) score model  {1e3 * a:8.1f} ms/step")
-    print(f"(b) energy, DSM  {1e3 * b:8.1f} ms/step")
-    print(f"(c) energy, dual {1e3 * c:8.1f} ms/step")
-    print(f"ratios: b/a = {b / a:.2f}   c/a = {c / a:.2f}   c/b = {c / b:.3f}   "
-          f"(paper: c/a ~ 3.75, c/b ~ 1.07; goal on GPU: c/a <= 2.5, c/b <= 1.03)")
+    fns = {"a": score_step, "b": energy_step(0.0), "c": energy_step(1.0)}
+    out = interleaved(fns, device, rounds, warmup)
+    if device.type == "cuda":
+        for k, f in fns.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            f()
+            sync(device)
+            out[f"peak_{k}_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
 
-if args.what == "sample":
-    import sample  # noqa: E402  (only this benchmark needs it)
 
-    net.eval()
-    shape = (args.n, args.channels, size, size)
-    x = torch.rand(shape, device=device)
+def print_train(t, what):
+    print(f"train step, {what}")
+    for k, name in (("a", "score model"), ("b", "energy, DSM"), ("c", "energy, dual")):
+        mem = f"   peak {t[f'peak_{k}_gib']:.1f} GiB" if f"peak_{k}_gib" in t else ""
+        print(f"  ({k}) {name:13s} {1e3 * t[k]:8.1f} ms/step{mem}")
+    print(f"  ratios: b/a = {t['b'] / t['a']:.2f}   c/a = {t['c'] / t['a']:.2f}   c/b = {t['c'] / t['b']:.3f}   "
+          f"(paper: c/a ~ 3.75, c/b ~ 1.07; goals: c/a <= 2.5, c/b <= 1.03 on GPU; <= 2.3, <= 1.05 on CPU)")
+
+
+# -----------------------------------------------------------------------------
+# 2. The real entry point under torchrun.
+
+def write_imagenet64(root, n_train=256, n_val=64, seed=0):
+    """A small ImageNet64 in the official npz format: 'data' (N, 12288) uint8, R/G/B planes (smooth
+    random images, so that resizing and moments behave like photographs')."""
+    g = np.random.default_rng(seed)
+    for name, n in (("train_data_batch_1.npz", n_train), ("val_data.npz", n_val)):
+        low = g.integers(0, 256, size=(n, 3, 8, 8)).astype(np.float32)
+        img = low.repeat(8, axis=2).repeat(8, axis=3) + g.normal(0, 8, size=(n, 3, 64, 64))
+        np.savez(os.path.join(root, name), data=img.clip(0, 255).astype(np.uint8).reshape(n, -1),
+                 labels=np.ones(n, dtype=np.int64))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_train(args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port", str(free_port()),
+           "train.py", *args]
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun train.py failed ({done.returncode}): {done.stderr[-1500:]}")
+    return done.stdout
+
+
+def entry_point(device, steps, resume_steps, extra, batch):
+    """Train `steps` steps, resume to `resume_steps`; returns images/s of the logged rows after the first."""
+    with tempfile.TemporaryDirectory() as root:
+        write_imagenet64(root)
+        out = os.path.join(root, "run")
+        common = ["--dataset", "imagenet64", "--data-dir", root, "--batch", str(batch), "--out", out,
+                  "--log-every", str(max(1, steps // 3)), "--eval-every", "1000000", "--device", device.type,
+                  "--val-batch", "4", *extra]
+        t0 = time.perf_counter()
+        first = torchrun_train(common + ["--steps", str(steps), "--ckpt-every", str(steps)])
+        second = torchrun_train(common + ["--steps", str(resume_steps), "--ckpt-every", str(resume_steps), "--resume"])
+        wall = time.perf_counter() - t0
+        ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+        with open(os.path.join(out, "log.csv")) as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+        img_s = [float(r["img_per_s"]) for r in rows[1:]] or [float(rows[-1]["img_per_s"])]
+        return dict(img_s=float(np.median(img_s)), step=ckpt["step"], resumed="resumed from" in second,
+                    backend="nccl" if device.type == "cuda" else "gloo", wall_s=wall, log=first + second)
+
+
+# -----------------------------------------------------------------------------
+# 3. Sampling time.
+
+def sampling_times(energy, n, size, levels, device, bf16):
+    import sample
+
+    energy.net.eval()
+    shape = (n, 3, size, size)
+    x = data.DeadLeaves(size, 3).get_batch(n, torch.Generator().manual_seed(0)).to(device)
     prob = cv.blur_problem(shape, 1.5, 0.02, "dct", device=device)
     y, cov = prob.to_denoising(prob.measure(x), mean=energy.mean)
-    results = {}
+    out = {}
     for corrector in ("ula", "mala"):
-        def run():
-            with autocast:
-                results[corrector] = sample.reverse_diffusion(energy, y, cov, levels=args.levels,
-                                                              corrector=corrector, n_corrector=1)
-        results[corrector + "_s"] = timed(run, 1)
-    print(f"deblur {args.n} images, {args.levels} levels, 1 corrector step: {describe()}")
-    for corrector in ("ula", "mala"):
-        print(f"{corrector:5s} {results[corrector + '_s']:8.2f} s per run   "
-              f"({results[corrector + '_s'] / args.levels * 1e3:.1f} ms per level)")
-    print(f"MALA/ULA time ratio: {results['mala_s'] / results['ula_s']:.3f} (goal <= 1.10); "
-          f"MALA acceptance {results['mala'].acceptance:.2f}")
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            res = sample.reverse_diffusion(energy, y, cov, levels=levels, corrector=corrector, n_corrector=1,
+                                           generator=torch.Generator(device).manual_seed(0))
+        sync(device)
+        out[corrector] = time.perf_counter() - t0
+        out[corrector + "_acceptance"] = res.acceptance
+        out[corrector + "_psnr"] = sample.psnr(res.x_mean.float(), x).mean().item()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 4. bf16 autocast against float32 on the same device.
+
+def precision(energy, size, n, device):
+    """Largest differences between bf16 autocast and float32: posterior means (every task), blind
+    candidate energies (relative to each image's best candidate), MALA log acceptance ratios."""
+    import sample
+    from experiments.precision import TASKS, observation
+
+    energy.net.eval()
+    bf16 = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    x = data.DeadLeaves(size, 3).get_batch(n, torch.Generator().manual_seed(1)).double()
+    out = {"tasks": {}}
+    for name, argv in TASKS:
+        y, cov, _ = observation(x, argv, 0.05, energy.mean)
+        y, cov = y.float().to(device), cv.Covariance(cov.s.float().to(device), cov.basis)
+        ref = aebm.posterior_mean(energy, y, cov)
+        with bf16():
+            low = aebm.posterior_mean(energy, y, cov)
+        w = energy.data_var / (energy.data_var + cov.s)
+        mu = cov.U(torch.full_like(y, energy.mean))
+        learned = (ref - cov.Uh(mu + w * (cov.U(y) - mu))).abs().max().item()  # size of the learned correction
+        out["tasks"][name] = dict(max_diff=(low - ref).abs().max().item(), learned=learned,
+                                  psnr_fp32=sample.psnr(ref, x.float().to(device)).mean().item(),
+                                  psnr_bf16=sample.psnr(low, x.float().to(device)).mean().item())
+    # blind inpainting candidates: E(y, Sigma_k) - min_k, fp32 vs bf16
+    xd = x.float().to(device)
+    y, cov, _ = observation(x, ["--task", "inpaint", "--box-size", str(size // 2)], 0.05, energy.mean)
+    y = y.float().to(device)
+    sizes, noises = [size // 4, size // 2, 3 * size // 4], [0.02, 0.05, 0.1]
+    g32, _, _ = sample.blind_inpaint(energy, y, 3, sizes, noises)
+    with bf16():
+        g16, _, _ = sample.blind_inpaint(energy, y, 3, sizes, noises)
+    rel = lambda g: (g - g.flatten(1).min(1).values.view(-1, 1, 1))[:, 1]  # the true box size's row
+    out["blind_max_diff_nats"] = (rel(g16) - rel(g32)).abs().max().item()
+    out["blind_same_argmin"] = bool((g16.flatten(1).argmin(1) == g32.flatten(1).argmin(1)).all())
+    # MALA log acceptance ratios at a mid-path level of deblurring
+    prob = cv.blur_problem(xd.shape, 1.5, 0.05, "dct", device=device)
+    y, cov = prob.to_denoising(prob.measure(xd, torch.Generator(device).manual_seed(2)), energy.mean)
+    s = sample.geometric_level(cov.s.clamp(max=sample.S_MAX_PRIOR), 1e-4, 300, 600)
+    z0 = cov.U(xd + cv.Covariance(s, "dct").sample(torch.Generator(device).manual_seed(3))[0])
+    ratios = {}
+    for key, ctx in (("fp32", torch.autocast(device.type, enabled=False)), ("bf16", bf16())):
+        logs = []
+        with ctx:
+            sample.langevin(energy, z0, cov.U(y), cov.s, s, "dct", n_steps=3, method="mala",
+                            generator=torch.Generator(device).manual_seed(4), log_alphas=logs)
+        ratios[key] = torch.stack(logs)
+    out["mala_max_diff"] = (ratios["bf16"][0] - ratios["fp32"][0]).abs().max().item()
+    out["mala_fp32_log_alpha"] = ratios["fp32"][0].tolist()
+    return out
+
+
+def profile_evaluation(energy, n, size, device, calls=3, top=12):
+    """Where one sampler evaluation (E and dE/dz at batch n, bf16 autocast) spends its time: the top
+    operators by device time, and the number of kernel launches per evaluation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.rand(n, 3, size, size, device=device)
+    cov = cv.blur_problem(x.shape, 1.5, 0.05, "dct", device=device).covariance()
+    cov = cv.Covariance(cov.s.clamp(max=625.0), "dct")
+    z = cov.U(x)
+    run = lambda: aebm.energy_and_scores(energy, z, cov, need_log_s=False)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        run()
+        sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                run()
+            sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print(f"  kernel launches per evaluation: {launches / calls:.0f}")
+    print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
+
+
+def run_suite(args):
+    device = torch.device(args.device)
+    sz = SUITE[device.type]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    bf16 = True  # CPU autocast supports bf16 too, so the CPU stand-in runs the same code
+    print(f"GPU check: {device_name(device)}, torch {torch.__version__}, {sz['config']} at {sz['size']}x{sz['size']}x3",
+          flush=True)
+    t_start = time.perf_counter()
+
+    def part(title, fn):
+        t0 = time.perf_counter()
+        print(f"\n== {title}", flush=True)
+        try:
+            fn()
+        except Exception as e:  # report and go on: the other parts are still worth their device time
+            print(f"  FAILED: {type(e).__name__}: {e}", flush=True)
+        print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    def train():
+        t = train_step_times(sz["config"], sz["size"], 3, sz["batch"], device, bf16, device.type == "cuda",
+                             sz["rounds"], 2)
+        print_train(t, f"batch {sz['batch']}, bf16 autocast, TF32, channels_last")
+
+    def entry():
+        e = entry_point(device, sz["entry"]["steps"], sz["entry"]["resume_steps"], sz["entry"]["extra"], sz["batch"])
+        t_step = sz["batch"] / e["img_s"]
+        print(f"  torchrun train.py --dataset imagenet64 ({e['backend']}): {e['img_s']:.1f} img/s at batch "
+              f"{sz['batch']} per GPU; checkpoint at step {sz['entry']['steps']}, resumed: {e['resumed']}, "
+              f"final step {e['step']} (wall {e['wall_s']:.0f} s incl. start-up)")
+        print(f"  projected: 400k steps x {t_step:.3f} s = {400_000 * t_step / 3600:.1f} h on 8 such GPUs "
+              f"(8 x {sz['batch']} = 128 images per step, all-reduce not included; paper: 5 days on A100s, "
+              f"1M steps)")
+
+    energy = build_energy(sz["config"], sz["size"], 3, device, channels_last=device.type == "cuda", random_output=True)
+
+    def sampling():
+        s = sampling_times(energy, sz["n"], sz["size"], sz["levels"], device, bf16=True)
+        print(f"  deblur {sz['n']} images, {sz['levels']} levels, 1 corrector step, bf16 autocast: "
+              f"ULA {s['ula']:.1f} s, MALA {s['mala']:.1f} s (MALA/ULA {s['mala'] / s['ula']:.2f}, acceptance "
+              f"{s['mala_acceptance']:.2f}); paper: 139 s (DPS 167 s, RED-Diff 22 s); goal <= 25 s")
+        f = sampling_times(energy, sz["n"], sz["size"], sz["fp32_levels"], device, bf16=False)
+        scale = sz["levels"] / sz["fp32_levels"]
+        print(f"  float32 (TF32): ULA {f['ula']:.1f} s for {sz['fp32_levels']} levels -> {f['ula'] * scale:.1f} s "
+              f"for {sz['levels']}")
+
+    def prec():
+        p = precision(energy, sz["size"], 4 if device.type == "cuda" else 2, device)
+        print("  posterior means, bf16 autocast vs float32 (max |diff| per pixel; size of the learned correction;"
+              " PSNR fp32 / bf16):")
+        for name, r in p["tasks"].items():
+            print(f"    {name:18s} {r['max_diff']:9.2e}   learned {r['learned']:7.3f}   "
+                  f"{r['psnr_fp32']:6.2f} / {r['psnr_bf16']:6.2f} dB")
+        print(f"  blind inpainting: energies above the best candidate differ by up to {p['blind_max_diff_nats']:.3f} "
+              f"nats; same argmin: {p['blind_same_argmin']}")
+        print(f"  MALA log acceptance ratios: max |bf16 - fp32| = {p['mala_max_diff']:.3f} "
+              f"(fp32 values {', '.join(f'{v:.2f}' for v in p['mala_fp32_log_alpha'])})")
+
+    part("1. training step", train)
+    part("2. the real entry point under torchrun", entry)
+    part("3. sampling", sampling)
+    part("4. precision: bf16 autocast vs float32", prec)
+    part("5. where a sampler evaluation spends its time", lambda: profile_evaluation(energy, sz["n"], sz["size"], device))
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.suite == "gpu":
+        return run_suite(args)
+    device = torch.device(args.device)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    size = args.img_size or (32 if args.config in ("small", "tiny") else 64)
+    what = (f"batch {args.batch}: {args.config}, {size}x{size}x{args.channels}, {device_name(device)}, "
+            f"torch {torch.__version__}, " + (" ".join(f for f, on in (("bf16", args.bf16), ("tf32", args.tf32),
+                                                                         ("channels_last", args.channels_last)) if on)
+                                               or "fp32"))
+    if args.what == "train":
+        t = train_step_times(args.config, size, args.channels, args.batch, device, args.bf16, args.channels_last,
+                             args.rounds, args.warmup, args.seed)
+        print_train(t, what)
+    else:
+        energy = build_energy(args.config, size, args.channels, device, args.channels_last)
+        s = sampling_times(energy, args.n, size, args.levels, device, args.bf16)
+        print(f"deblur {args.n} images, {args.levels} levels, 1 corrector step: {what}")
+        for c in ("ula", "mala"):
+            print(f"{c:5s} {s[c]:8.2f} s per run   ({s[c] / args.levels * 1e3:.1f} ms per level)")
+        print(f"MALA/ULA time ratio: {s['mala'] / s['ula']:.3f} (goal <= 1.10); MALA acceptance {s['mala_acceptance']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -54,7 +54,8 @@ def to_basis(x, basis):
         H, W = x.shape[-2:]
         real = x.real.dtype if x.is_complex() else x.dtype
         DH, DW = dct_matrix(H, real, x.device), dct_matrix(W, real, x.device)
-        return DH @ x @ DW.T  # x -> D_H x D_W^T along the last two axes
+        with torch.autocast(x.device.type, enabled=False):  # a transform, not network work: never in bf16
+            return DH @ x @ DW.T  # x -> D_H x D_W^T along the last two axes
     raise ValueError(f"unknown basis {basis!r}: use one of {BASES}")
 
 
@@ -68,7 +69,8 @@ def from_basis(z, basis):
     if basis == "dct":
         H, W = z.shape[-2:]
         DH, DW = dct_matrix(H, z.dtype, z.device), dct_matrix(W, z.dtype, z.device)
-        return DH.T @ z @ DW
+        with torch.autocast(z.device.type, enabled=False):
+            return DH.T @ z @ DW
     raise ValueError(f"unknown basis {basis!r}: use one of {BASES}")
 
 

@@ -7,26 +7,34 @@ noise conditioning is an embedding of the whole covariance Sigma, applied as gai
 aebm.EnergyModel (M3) whitens y, calls `net(x, cov)` and turns the output F (same shape as x) into
 a scalar energy; this file only has to produce F. Read covariances.py and aebm.py first.
 
-Conditioning. The variance map log s (B, C, H, W) is embedded coordinate by coordinate
-(sinusoidal features) and mapped by a small convolutional ResNet to an embedding map. Every
-residual block projects it (1x1 conv) to per-channel gains g and modulates its features as
+Conditioning. The variance map log s (B, C, H, W) is embedded coordinate by coordinate: sinusoidal
+features of each log-variance, then a small residual MLP (1x1 convolutions) to `emb_hidden`
+features per coordinate. Every residual block gets gains g from a linear projection of those
+features and modulates its own features as
 
     h <- SiLU(GroupNorm(h) * (1 + g)).
 
 Two branches, as in the paper:
-  - spatial (pixel-basis Sigma): the embedding map is average-pooled to each block's resolution,
+  - spatial (pixel-basis Sigma): the feature map is average-pooled to each block's resolution,
     so gains vary per pixel (a mask tells each location how noisy it is);
-  - spectral (fft/dct Sigma): the embedding of the frequency map is averaged over frequencies,
-    so gains are per channel.
+  - spectral (fft/dct Sigma): the features of the frequency map (plus each frequency's position)
+    are averaged over frequencies, so gains are per channel.
 An isotropic Sigma is the same matrix in every basis, so it must get the same conditioning in
-every basis. We make that exact: the spatial ResNet pads by replication, so on a constant map it
-gives a constant map, identical to its output on the 1x1 map of the mean log-variance. A spectral
-Sigma is therefore conditioned as
+every basis. We make that exact: the spatial MLP works per coordinate, so a constant map gives a
+constant map, identical to its output on the 1x1 map of the mean log-variance. A spectral Sigma is
+therefore conditioned as
 
-    spatial(mean log s, as a 1x1 map)  +  mean_freq[ spectral(log s) - spectral(mean log s) ],
+    spatial(mean log s, as a 1x1 map)  +  mean_freq[ spectral(log s) * (log s - mean log s) ],
 
-the isotropic part plus an anisotropic correction that is exactly zero for isotropic Sigma. The
-result is smooth in log s and basis-independent for sigma^2 I (tests/test_nets.py checks it).
+the isotropic part plus an anisotropic correction gated by each frequency's deviation from the mean
+log-variance, exactly zero for isotropic Sigma. The result is smooth in log s and basis-independent
+for sigma^2 I (tests/test_nets.py checks it).
+
+Cost (README, Benchmarks). The dual loss differentiates the conditioning path twice, so it is kept
+lean: per-coordinate 1x1 layers without normalisation, and the gains of all the blocks of one
+level from one projection of the pooled features. The paper's 512-channel embedding map between
+the MLP and the gains is left out: two linear maps in a row are one linear map of the same rank
+(at most emb_hidden), computed here at a quarter of the cost at full resolution.
 
 Everything here is twice differentiable (training differentiates dE/dy again). Attention is an
 explicit softmax: torch's scaled_dot_product_attention picks fused kernels (flash on CPU; flash
@@ -45,13 +53,14 @@ from covariances import S_MAX, S_MIN
 # CPU configuration used by the quickstart; `tiny` keeps tests fast.
 CONFIGS = {
     "paper64": dict(channels=128, mults=(1, 2, 2, 2), blocks=4, attn=(16,), dropout=0.1,
-                    emb_channels=512, emb_hidden=128, emb_blocks=4),
+                    emb_hidden=128, emb_blocks=4),
     "small": dict(channels=28, mults=(1, 2, 2), blocks=1, attn=(8,), dropout=0.0,
-                  emb_channels=64, emb_hidden=16, emb_blocks=2),
+                  emb_hidden=16, emb_blocks=2),
     "tiny": dict(channels=8, mults=(1, 2), blocks=1, attn=(4,), dropout=0.0,
-                 emb_channels=16, emb_hidden=8, emb_blocks=1),
+                 emb_hidden=8, emb_blocks=1),
 }
 N_FREQS = 6  # sinusoidal frequencies per log-variance
+SPECTRAL_SCALE = 5.0  # log-variance deviations (up to ~20 in a spectrum) scaled to O(1) before gating
 
 
 def group_norm(ch):
@@ -77,24 +86,21 @@ def sinusoidal(log_s):
 
 
 class EmbeddingNet(nn.Module):
-    """A small convolutional ResNet from per-coordinate features to an embedding map (B, emb, H, W).
-    Replicate padding: a constant input map gives a constant output map (see the file docstring)."""
+    """Per-coordinate features of the log-variances: a residual MLP written with 1x1 convolutions,
+    (B, in_ch, H, W) -> (B, hidden, H, W). No normalisation layers: the inputs are bounded sinusoids,
+    and every layer here is differentiated twice by the dual loss."""
 
-    def __init__(self, in_ch, hidden, out_ch, n_blocks):
+    def __init__(self, in_ch, hidden, n_blocks):
         super().__init__()
         self.inp = nn.Conv2d(in_ch, hidden, 1)
-        self.blocks = nn.ModuleList()
-        for _ in range(n_blocks):
-            self.blocks.append(nn.Sequential(
-                group_norm(hidden), nn.SiLU(), nn.Conv2d(hidden, hidden, 3, padding=1, padding_mode="replicate"),
-                group_norm(hidden), nn.SiLU(), nn.Conv2d(hidden, hidden, 3, padding=1, padding_mode="replicate")))
-        self.out = nn.Sequential(group_norm(hidden), nn.SiLU(), nn.Conv2d(hidden, out_ch, 1))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Conv2d(hidden, hidden, 1),
+                                                  nn.SiLU(), nn.Conv2d(hidden, hidden, 1)) for _ in range(n_blocks))
 
     def forward(self, features):
         h = self.inp(features)
         for block in self.blocks:
             h = (h + block(h)) * math.sqrt(0.5)
-        return self.out(h)
+        return F.silu(h)
 
 
 def frequency_coordinates(basis, H, W, ref):
@@ -133,25 +139,20 @@ class Attention(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, then the gain-modulated GroupNorm -> SiLU -> dropout -> conv,
     a skip connection, and optional attention (EDM's UNetBlock, with gains in place of the noise
-    embedding's scale)."""
+    embedding's scale). The gains g come from the UNet's conditioning (one projection per level)."""
 
-    def __init__(self, in_ch, out_ch, emb_ch, dropout, attention):
+    def __init__(self, in_ch, out_ch, dropout, attention):
         super().__init__()
+        self.out_ch = out_ch
         self.norm0, self.conv0 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.gain_spatial = nn.Conv2d(emb_ch, out_ch, 1)  # projections of the two embeddings to gains
-        self.gain_spectral = nn.Conv2d(emb_ch, out_ch, 1, bias=False)  # linear: zero correction, zero gain
         self.norm1, self.dropout = group_norm(out_ch), nn.Dropout(dropout)
         self.conv1 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.attn = Attention(out_ch) if attention else None
 
-    def forward(self, x, cond):
+    def forward(self, x, g):
         h = self.conv0(F.silu(self.norm0(x)))
-        res = x.shape[-1]
-        g = self.gain_spatial(cond["spatial"][res])  # (B, ch, h, w), or (B, ch, 1, 1) for spectral Sigma
-        if cond["spectral"] is not None:
-            g = g + self.gain_spectral(cond["spectral"])  # (B, ch, 1, 1)
-        h = F.silu(self.norm1(h) * (1 + g))
+        h = F.silu(self.norm1(h) * (1 + g))  # g: (B, ch, h, w) for pixel-basis Sigma, (B, ch, 1, 1) otherwise
         h = self.conv1(self.dropout(h))
         x = (self.skip(x) + h) * math.sqrt(0.5)
         return self.attn(x) if self.attn is not None else x
@@ -161,78 +162,99 @@ class ResBlock(nn.Module):
 # The UNet.
 
 class UNet(nn.Module):
-    """F_theta(x, Sigma): (B, C, H, W) -> (B, C, H, W). `attn` lists the resolutions (in pixels)
-    that get self-attention; the image size must be divisible by 2^(len(mults) - 1)."""
+    """F_theta(x, Sigma): (B, C, H, W) -> (B, C, H, W). `attn` lists the resolutions (in pixels, at the
+    training size img_size) that get self-attention. The network is convolutional: it runs on any
+    H, W divisible by 2^(len(mults) - 1) (attention stays at the same levels)."""
 
-    def __init__(self, img_size, in_channels, channels, mults, blocks, attn, dropout,
-                 emb_channels, emb_hidden, emb_blocks):
+    def __init__(self, img_size, in_channels, channels, mults, blocks, attn, dropout, emb_hidden, emb_blocks):
         super().__init__()
-        factor = 2 ** (len(mults) - 1)
-        if img_size % factor or img_size < factor:
-            raise ValueError(f"image size {img_size} must be divisible by {factor} (the UNet halves it "
+        self.factor = 2 ** (len(mults) - 1)
+        if img_size % self.factor or img_size < self.factor:
+            raise ValueError(f"image size {img_size} must be divisible by {self.factor} (the UNet halves it "
                              f"{len(mults) - 1} times); pick another --img-size or a config with fewer levels")
         self.img_size, self.in_channels = img_size, in_channels
         feat = 2 * N_FREQS * in_channels
-        self.spatial = EmbeddingNet(feat, emb_hidden, emb_channels, emb_blocks)
-        self.spectral = EmbeddingNet(feat + 2, emb_hidden, emb_channels, emb_blocks)
-        self.resolutions = [img_size >> level for level in range(len(mults))]
+        self.spatial = EmbeddingNet(feat, emb_hidden, emb_blocks)
+        self.spectral = EmbeddingNet(feat + 2, emb_hidden, emb_blocks)
+        attn_levels = {level for level in range(len(mults)) if img_size >> level in attn}
 
+        # Layers in order; every ResBlock remembers its level (resolution img / 2^level) for its gains.
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.enc, skips, ch = nn.ModuleList(), [channels], channels
+        self.enc, skips, ch, self.levels = nn.ModuleList(), [channels], channels, []
         for level, mult in enumerate(mults):
-            res = self.resolutions[level]
             if level > 0:
                 self.enc.append(nn.AvgPool2d(2))  # down-sampling
                 skips.append(ch)
             for _ in range(blocks):
-                self.enc.append(ResBlock(ch, channels * mult, emb_channels, dropout, res in attn))
+                self.enc.append(ResBlock(ch, channels * mult, dropout, level in attn_levels))
+                self.levels.append(level)
                 ch = channels * mult
                 skips.append(ch)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_channels, dropout, True),
-                                  ResBlock(ch, ch, emb_channels, dropout, False)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, dropout, True), ResBlock(ch, ch, dropout, False)])
+        self.levels += [len(mults) - 1] * 2
         self.dec = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
-            res = self.resolutions[level]
             for _ in range(blocks + 1):
-                self.dec.append(ResBlock(ch + skips.pop(), channels * mult, emb_channels, dropout, res in attn))
+                self.dec.append(ResBlock(ch + skips.pop(), channels * mult, dropout, level in attn_levels))
+                self.levels.append(level)
                 ch = channels * mult
             if level > 0:
                 self.dec.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                               nn.Conv2d(ch, ch, 3, padding=1)))  # up-sampling
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)))
 
-    def condition(self, cov):
-        """The two embeddings: {'spatial': {resolution: (B, emb, h, w)}, 'spectral': (B, emb, 1, 1) or None}."""
+        # Gain projections: one 1x1 conv per level gives the gains of all the blocks at that level at once
+        # (fewer, larger operations: the dual loss differentiates this path twice).
+        blocks_in_order = [m for m in list(self.enc) + list(self.mid) + list(self.dec) if isinstance(m, ResBlock)]
+        width = [sum(b.out_ch for b, l in zip(blocks_in_order, self.levels) if l == level) for level in range(len(mults))]
+        self.split = [[b.out_ch for b, l in zip(blocks_in_order, self.levels) if l == level] for level in range(len(mults))]
+        self.gain_spatial = nn.ModuleList(nn.Conv2d(emb_hidden, w, 1) for w in width)
+        self.gain_spectral = nn.ModuleList(nn.Conv2d(emb_hidden, w, 1, bias=False) for w in width)  # zero for sigma^2 I
+
+    def embed(self, cov):
+        """The two embeddings: spatial (B, hidden, H, W) for pixel-basis Sigma, or (B, hidden, 1, 1) with the
+        spectral correction (B, hidden, 1, 1) for fft/dct Sigma (None for pixel)."""
         log_s = cov.log_s.to(self.conv_in.weight.dtype)
         if cov.basis == "pixel":
-            e = self.spatial(sinusoidal(log_s))  # (B, emb, H, W)
-            return {"spatial": {r: F.avg_pool2d(e, self.img_size // r) if r < self.img_size else e
-                                for r in self.resolutions}, "spectral": None}
+            return self.spatial(sinusoidal(log_s)), None  # (B, emb, H, W)
         if cov.basis == "fft":
             log_s = torch.fft.fftshift(log_s, dim=(-2, -1))  # low frequencies in the middle of the map
         mean = log_s.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1): the isotropic part
-        iso = self.spatial(sinusoidal(mean))  # (B, emb, 1, 1), identical to a constant full-size map
+        iso = self.spatial(sinusoidal(mean))  # (B, hidden, 1, 1), identical to a constant full-size map
         coords = frequency_coordinates(cov.basis, *log_s.shape[-2:], log_s).expand(log_s.shape[0], -1, -1, -1)
-        aniso = self.spectral(torch.cat([sinusoidal(log_s), coords], 1))
-        aniso_at_mean = self.spectral(torch.cat([sinusoidal(mean.expand_as(log_s)), coords], 1))
-        spectral = (aniso - aniso_at_mean).mean(dim=(-2, -1), keepdim=True)  # zero for isotropic Sigma
-        return {"spatial": {r: iso for r in self.resolutions}, "spectral": spectral}
+        aniso = self.spectral(torch.cat([sinusoidal(log_s), coords], 1))  # (B, hidden, H, W)
+        # gated by each frequency's log-variance above or below the mean: exactly zero for isotropic Sigma
+        deviation = (log_s - mean).mean(1, keepdim=True) / SPECTRAL_SCALE  # (B, 1, H, W)
+        return iso, (aniso * deviation).mean(dim=(-2, -1), keepdim=True)
+
+    def gains(self, cov):
+        """The gains of every ResBlock, in the order of the blocks."""
+        spatial, spectral = self.embed(cov)
+        per_level = []
+        for level, (conv_sp, conv_spec) in enumerate(zip(self.gain_spatial, self.gain_spectral)):
+            e = F.avg_pool2d(spatial, 2 ** level) if level > 0 and spatial.shape[-1] > 1 else spatial
+            g = conv_sp(e)  # (B, width, h, w): all the blocks of this level
+            if spectral is not None:
+                g = g + conv_spec(spectral)
+            per_level.append(list(torch.split(g, self.split[level], dim=1)))
+        return [per_level[level].pop(0) for level in self.levels]
 
     def forward(self, x, cov):
-        if x.shape[1:] != (self.in_channels, self.img_size, self.img_size):
-            raise ValueError(f"UNet built for ({self.in_channels}, {self.img_size}, {self.img_size}) images, "
+        H, W = x.shape[-2:]
+        if x.shape[1] != self.in_channels or H % self.factor or W % self.factor:
+            raise ValueError(f"UNet takes ({self.in_channels}, H, W) images with H, W divisible by {self.factor}, "
                              f"got {tuple(x.shape[1:])}")
-        cond = self.condition(cov)
+        gains = iter(self.gains(cov))
         h = self.conv_in(x)
         skips = [h]
         for layer in self.enc:
-            h = layer(h, cond) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(h, next(gains)) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
         for block in self.mid:
-            h = block(h, cond)
+            h = block(h, next(gains))
         for layer in self.dec:
             if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, skips.pop()], dim=1), cond)
+                h = layer(torch.cat([h, skips.pop()], dim=1), next(gains))
             else:
                 h = layer(h)
         return self.out(h)

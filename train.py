@@ -107,7 +107,7 @@ def learning_rate(step, args):
 
 def average_gradients(params, world):
     """Average .grad over ranks with one all_reduce of a flat buffer (a missing grad counts as 0)."""
-    if world == 1:
+    if not dist.is_initialized():
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten() for g in grads])
@@ -122,7 +122,7 @@ def average_gradients(params, world):
 def all_mean(values, world):
     """Mean over ranks of a few scalars (for logging and the non-finite check)."""
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
-    if world > 1:
+    if dist.is_initialized():
         t = t.to(dist_device())
         dist.all_reduce(t)
         t = t.cpu() / world
@@ -245,7 +245,8 @@ def main(argv=None):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world > 1:
+    distributed = "RANK" in os.environ  # launched by torchrun (even with one process: NCCL is exercised)
+    if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     if args.batch % world:
@@ -367,7 +368,7 @@ def main(argv=None):
         log_file.close()
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
               f"grid {os.path.join(args.out, f'val_{step:07d}.png')}")
-    if world > 1:
+    if distributed:
         dist.destroy_process_group()
 
 
