@@ -148,7 +148,11 @@ def energy_and_scores(energy, z, cov, create_graph=False, need_log_s=True, part=
     With create_graph=True the scores stay differentiable in the parameters (training differentiates
     them again). need_log_s=False skips the covariance score (single score matching, and samplers
     that need only dE/dz). part="learned" differentiates M3's learned term alone (EnergyModel).
+    An energy may bring its own version of this function (sample.CudaGraphEnergy replays a captured
+    CUDA graph of it); it is used for the plain call (no create_graph, the whole energy).
     """
+    if hasattr(energy, "energy_and_scores") and not create_graph and part == "all":
+        return energy.energy_and_scores(z, cov, need_log_s)
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         if need_log_s:

@@ -56,7 +56,8 @@ SUITE = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["gpu"], default=None, help="run the prepared GPU check (any --device)")
+    p.add_argument("--suite", choices=["gpu", "speed"], default=None,
+                   help="gpu: the prepared GPU check; speed: variants that cut its time (any --device)")
     p.add_argument("--what", choices=["train", "sample"], default="train", help="which single benchmark")
     p.add_argument("--config", default="small", help=f"network config, one of {sorted(nets.CONFIGS)}")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: 32 for small/tiny, 64 otherwise)")
@@ -249,35 +250,57 @@ def sampling_times(energy, n, size, levels, device, bf16):
 # -----------------------------------------------------------------------------
 # 4. bf16 autocast against float32 on the same device.
 
-def precision(energy, size, n, device):
-    """Largest differences between bf16 autocast and float32: posterior means (every task), blind
-    candidate energies (relative to each image's best candidate), MALA log acceptance ratios."""
+class mode:
+    """A precision mode as a context manager: bf16 autocast or not, TF32 or strict float32 on CUDA."""
+
+    def __init__(self, device, bf16, tf32):
+        self.device, self.bf16, self.tf32 = device, bf16, tf32
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        self.autocast.__enter__()
+
+    def __exit__(self, *exc):
+        self.autocast.__exit__(*exc)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def precision(energy, size, n, device, low=None, ref=None, tasks=None):
+    """Largest differences between a low-precision mode (default bf16 autocast) and a reference (default
+    float32 as the device runs it): posterior means (every task), blind candidate energies (relative to
+    each image's best candidate), MALA log acceptance ratios."""
     import sample
     from experiments.precision import TASKS, observation
 
     energy.net.eval()
-    bf16 = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    tf32 = torch.backends.cudnn.allow_tf32
+    low = low or (lambda: mode(device, True, tf32))
+    ref = ref or (lambda: mode(device, False, tf32))
     x = data.DeadLeaves(size, 3).get_batch(n, torch.Generator().manual_seed(1)).double()
     out = {"tasks": {}}
-    for name, argv in TASKS:
+    for name, argv in [t for t in TASKS if tasks is None or t[0] in tasks]:
         y, cov, _ = observation(x, argv, 0.05, energy.mean)
         y, cov = y.float().to(device), cv.Covariance(cov.s.float().to(device), cov.basis)
-        ref = aebm.posterior_mean(energy, y, cov)
-        with bf16():
-            low = aebm.posterior_mean(energy, y, cov)
+        with ref():
+            x_ref = aebm.posterior_mean(energy, y, cov)
+        with low():
+            x_low = aebm.posterior_mean(energy, y, cov)
         w = energy.data_var / (energy.data_var + cov.s)
         mu = cov.U(torch.full_like(y, energy.mean))
-        learned = (ref - cov.Uh(mu + w * (cov.U(y) - mu))).abs().max().item()  # size of the learned correction
-        out["tasks"][name] = dict(max_diff=(low - ref).abs().max().item(), learned=learned,
-                                  psnr_fp32=sample.psnr(ref, x.float().to(device)).mean().item(),
-                                  psnr_bf16=sample.psnr(low, x.float().to(device)).mean().item())
+        learned = (x_ref - cov.Uh(mu + w * (cov.U(y) - mu))).abs().max().item()  # size of the learned correction
+        out["tasks"][name] = dict(max_diff=(x_low - x_ref).abs().max().item(), learned=learned,
+                                  psnr_fp32=sample.psnr(x_ref, x.float().to(device)).mean().item(),
+                                  psnr_bf16=sample.psnr(x_low, x.float().to(device)).mean().item())
     # blind inpainting candidates: E(y, Sigma_k) - min_k, fp32 vs bf16
     xd = x.float().to(device)
     y, cov, _ = observation(x, ["--task", "inpaint", "--box-size", str(size // 2)], 0.05, energy.mean)
     y = y.float().to(device)
     sizes, noises = [size // 4, size // 2, 3 * size // 4], [0.02, 0.05, 0.1]
-    g32, _, _ = sample.blind_inpaint(energy, y, 3, sizes, noises)
-    with bf16():
+    with ref():
+        g32, _, _ = sample.blind_inpaint(energy, y, 3, sizes, noises)
+    with low():
         g16, _, _ = sample.blind_inpaint(energy, y, 3, sizes, noises)
     rel = lambda g: (g - g.flatten(1).min(1).values.view(-1, 1, 1))[:, 1]  # the true box size's row
     out["blind_max_diff_nats"] = (rel(g16) - rel(g32)).abs().max().item()
@@ -288,7 +311,7 @@ def precision(energy, size, n, device):
     s = sample.geometric_level(cov.s.clamp(max=sample.S_MAX_PRIOR), 1e-4, 300, 600)
     z0 = cov.U(xd + cv.Covariance(s, "dct").sample(torch.Generator(device).manual_seed(3))[0])
     ratios = {}
-    for key, ctx in (("fp32", torch.autocast(device.type, enabled=False)), ("bf16", bf16())):
+    for key, ctx in (("fp32", ref()), ("bf16", low())):
         logs = []
         with ctx:
             sample.langevin(energy, z0, cov.U(y), cov.s, s, "dct", n_steps=3, method="mala",
@@ -400,11 +423,112 @@ def run_suite(args):
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
+def eval_times(energy, n, size, device, variants, evals=20):
+    """Seconds per sampler evaluation (E and dE/dz, batch n, dct deblurring at a mid-path level) for each
+    variant (name -> (bf16, channels_last, cuda_graph)); graphed outputs are checked against eager ones."""
+    import sample
+
+    x = torch.rand(n, 3, size, size, device=device)
+    cov = cv.blur_problem(x.shape, 1.5, 0.05, "dct", device=device).covariance()
+    cov = cv.Covariance(cov.s.clamp(max=625.0), "dct")
+    z = cov.U(x)
+    out = {}
+    for name, (bf16, channels_last, graph) in variants.items():
+        try:
+            e = copy.deepcopy(energy)
+            e.net = e.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                eager = aebm.energy_and_scores(e, z, cov, need_log_s=False)
+            if graph:
+                e = sample.CudaGraphEnergy(e, z, cov, bf16=bf16)
+                got = aebm.energy_and_scores(e, z, cov, need_log_s=False)
+                diff = (got[1] - eager[1]).abs().max().item() / eager[1].abs().max().item()
+            else:
+                diff = 0.0
+            ctx = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not graph)
+            def run():
+                with ctx():
+                    aebm.energy_and_scores(e, z, cov, need_log_s=False)
+            t = interleaved({"t": run}, device, evals, 3)["t"]
+            out[name] = dict(ms=1e3 * t, rel_diff=diff, energy=e)
+        except Exception as err:
+            out[name] = dict(error=f"{type(err).__name__}: {err}")
+    return out
+
+
+def run_speed_suite(args):
+    """The second GPU check: where the time goes and what removes it (channels_last, CUDA graphs, TF32)."""
+    device = torch.device(args.device)
+    sz = SUITE[device.type]
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    print(f"speed check: {device_name(device)}, torch {torch.__version__}, {sz['config']} at {sz['size']}", flush=True)
+    t_start = time.perf_counter()
+    for bf16, cl in ((True, False), (False, False)):
+        try:
+            t = train_step_times(sz["config"], sz["size"], 3, sz["batch"], device, bf16, cl, max(2, sz["rounds"] // 2), 2)
+            print_train(t, f"batch {sz['batch']}, {'bf16' if bf16 else 'TF32'}, channels_last {cl}")
+        except Exception as e:
+            print(f"  train step FAILED: {type(e).__name__}: {e}")
+        print(f"  ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    energy = build_energy(sz["config"], sz["size"], 3, device, random_output=True).eval()
+    variants = {"bf16 channels_last": (True, True, False), "bf16": (True, False, False), "tf32": (False, False, False)}
+    if cuda:
+        variants.update({"bf16 cuda-graph": (True, False, True), "tf32 cuda-graph": (False, False, True)})
+    res = eval_times(energy, sz["n"], sz["size"], device, variants)
+    print(f"sampler evaluation (E and dE/dz of {sz['n']} images), ms and the 1200 evaluations of 600 levels:")
+    for name, r in res.items():
+        if "error" in r:
+            print(f"  {name:20s} FAILED: {r['error']}")
+        else:
+            print(f"  {name:20s} {r['ms']:7.1f} ms  -> {1.2 * r['ms']:6.1f} s   (graph vs eager: {r['rel_diff']:.1e})")
+    print(f"  ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    import sample
+    for name in ("bf16 cuda-graph", "tf32 cuda-graph") if cuda else ("bf16",):
+        r = res.get(name, {})
+        if "energy" not in r or r["rel_diff"] > 0.05 or 1.2 * r["ms"] > 40:  # correct, and under 40 s a run
+            continue
+        x = data.DeadLeaves(sz["size"], 3).get_batch(sz["n"], torch.Generator().manual_seed(0)).to(device)
+        prob = cv.blur_problem(x.shape, 1.5, 0.02, "dct", device=device)
+        y, cov = prob.to_denoising(prob.measure(x), mean=energy.mean)
+        for corrector in ("ula", "mala"):
+            try:
+                g = r["energy"] if name.endswith("graph") else energy
+                if name.endswith("graph"):  # a graph for this observation's shapes: the same as the probe's
+                    g = sample.CudaGraphEnergy(energy, cov.U(y), cov, bf16=name.startswith("bf16"))
+                sync(device)
+                t0 = time.perf_counter()
+                res_s = sample.reverse_diffusion(g, y, cov, levels=sz["levels"], corrector=corrector,
+                                                 generator=torch.Generator(device).manual_seed(0))
+                sync(device)
+                print(f"  {name}: deblur {sz['n']} images, {sz['levels']} levels, {corrector}: "
+                      f"{time.perf_counter() - t0:.1f} s (acceptance {res_s.acceptance:.2f})", flush=True)
+            except Exception as e:
+                print(f"  {name} {corrector} FAILED: {type(e).__name__}: {e}")
+    print(f"  ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    if cuda:
+        strict = lambda: mode(device, False, False)
+        for label, low in (("TF32", lambda: mode(device, False, True)), ("bf16", lambda: mode(device, True, True))):
+            try:
+                p = precision(energy, sz["size"], 4, device, low=low, ref=strict,
+                              tasks=("inpaint box", "deblur b=1.5 dct", "sr x2 fft"))
+                worst = max(r["max_diff"] for r in p["tasks"].values())
+                print(f"  {label} vs strict float32: posterior means max |diff| {worst:.2e}; blind candidate energies "
+                      f"{p['blind_max_diff_nats']:.3f} nats; MALA log ratios {p['mala_max_diff']:.3f}", flush=True)
+            except Exception as e:
+                print(f"  precision {label} FAILED: {type(e).__name__}: {e}")
+    print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     if args.suite == "gpu":
         return run_suite(args)
+    if args.suite == "speed":
+        return run_speed_suite(args)
     device = torch.device(args.device)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -67,6 +67,45 @@ def energy_dtype(energy):
     return next((t.dtype for t in energy_tensors(energy) if t.is_floating_point()), torch.float32)
 
 
+class CudaGraphEnergy:
+    """An energy whose (E, dE/dz) for one fixed shape and basis is a CUDA graph, captured once and
+    replayed at every evaluation: a UNet evaluation is ~2500 small kernel launches, so on a GPU at
+    sampling batch sizes the launches, not the arithmetic, set the pace (README, Benchmarks). The
+    samplers use it through aebm.energy_and_scores; everything else (mean, energy values) is the
+    wrapped energy's. Inputs are copied into static buffers, outputs cloned out of them."""
+
+    def __init__(self, energy, z, cov, bf16=False, warmup=3):
+        self.energy, self.mean, self.basis, self.bf16 = energy, energy_mean(energy), cov.basis, bf16
+        self.z, self.s = z.detach().clone(), cov.s.detach().clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream (cuDNN plans, cached DCT matrices)
+            for _ in range(warmup):
+                self.run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.run()
+
+    def run(self):
+        # autocast's weight-cast cache must be off while capturing (its casts would not be replayed)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            return aebm.energy_and_scores(self.energy, self.z, cv.Covariance(self.s, self.basis, check=False),
+                                          need_log_s=False)
+
+    def __call__(self, y, cov):
+        return self.energy(y, cov)
+
+    def energy_and_scores(self, z, cov, need_log_s=False):
+        if need_log_s or z.shape != self.z.shape or cov.basis != self.basis:
+            return aebm.energy_and_scores(self.energy, z, cov, need_log_s=need_log_s)
+        self.z.copy_(z)
+        self.s.copy_(cov.s)
+        self.graph.replay()
+        E, score_z, _ = self.out
+        return E.clone(), score_z.clone(), None
+
+
 # -----------------------------------------------------------------------------
 # Schedules.
 
