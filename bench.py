@@ -225,7 +225,9 @@ def entry_point(device, steps, resume_steps, extra, batch):
 # -----------------------------------------------------------------------------
 # 3. Sampling time.
 
-def sampling_times(energy, n, size, levels, device, bf16):
+def sampling_times(energy, n, size, levels, device, bf16, graph=False):
+    """Seconds of a ULA and a MALA run (16 deblurring images in the suite). graph: replay (E, dE/dz) as a
+    CUDA graph (sample.CudaGraphEnergy; sample.py does this on CUDA)."""
     import sample
 
     energy.net.eval()
@@ -233,12 +235,13 @@ def sampling_times(energy, n, size, levels, device, bf16):
     x = data.DeadLeaves(size, 3).get_batch(n, torch.Generator().manual_seed(0)).to(device)
     prob = cv.blur_problem(shape, 1.5, 0.02, "dct", device=device)
     y, cov = prob.to_denoising(prob.measure(x), mean=energy.mean)
+    e = sample.CudaGraphEnergy(energy, cov.U(y), cov, bf16=bf16) if graph else energy
     out = {}
     for corrector in ("ula", "mala"):
         sync(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            res = sample.reverse_diffusion(energy, y, cov, levels=levels, corrector=corrector, n_corrector=1,
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not graph):
+            res = sample.reverse_diffusion(e, y, cov, levels=levels, corrector=corrector, n_corrector=1,
                                            generator=torch.Generator(device).manual_seed(0))
         sync(device)
         out[corrector] = time.perf_counter() - t0
@@ -369,9 +372,9 @@ def run_suite(args):
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     def train():
-        t = train_step_times(sz["config"], sz["size"], 3, sz["batch"], device, bf16, device.type == "cuda",
-                             sz["rounds"], 2)
-        print_train(t, f"batch {sz['batch']}, bf16 autocast, TF32, channels_last")
+        for low in (False, True):
+            t = train_step_times(sz["config"], sz["size"], 3, sz["batch"], device, low, False, sz["rounds"], 2)
+            print_train(t, f"batch {sz['batch']}, " + ("bf16 autocast and TF32" if low else "float32 with TF32"))
 
     def entry():
         e = entry_point(device, sz["entry"]["steps"], sz["entry"]["resume_steps"], sz["entry"]["extra"], sz["batch"])
@@ -380,45 +383,46 @@ def run_suite(args):
               f"{sz['batch']} per GPU; checkpoint at step {sz['entry']['steps']}, resumed: {e['resumed']}, "
               f"final step {e['step']} (wall {e['wall_s']:.0f} s incl. start-up)")
         print(f"  projected: 400k steps x {t_step:.3f} s = {400_000 * t_step / 3600:.1f} h on 8 such GPUs "
-              f"(8 x {sz['batch']} = 128 images per step, all-reduce not included; paper: 5 days on A100s, "
+              f"(8 x {sz['batch']} = {8 * sz['batch']} images per step, all-reduce not included; paper: 5 days on A100s, "
               f"1M steps)")
 
-    energy = build_energy(sz["config"], sz["size"], 3, device, channels_last=device.type == "cuda", random_output=True)
+    energy = build_energy(sz["config"], sz["size"], 3, device, random_output=True)  # channels_last: slower (speed suite)
 
     def sampling():
-        # a short probe first, so that a slow device cannot eat the whole check: beyond 75 s per run,
-        # time fewer levels and scale (the cost per level is constant)
-        probe = sampling_times(energy, sz["n"], sz["size"], 10, device, bf16=True)["ula"] / 10
-        levels = sz["levels"] if probe * sz["levels"] < 75 else max(10, int(75 / probe))
-        s = sampling_times(energy, sz["n"], sz["size"], levels, device, bf16=True)
-        k = sz["levels"] / levels
-        note = "" if levels == sz["levels"] else f" (timed {levels} levels, scaled by {k:.1f})"
-        print(f"  deblur {sz['n']} images, {sz['levels']} levels, 1 corrector step, bf16 autocast: "
-              f"ULA {s['ula'] * k:.1f} s, MALA {s['mala'] * k:.1f} s{note} (MALA/ULA {s['mala'] / s['ula']:.2f}, "
-              f"acceptance {s['mala_acceptance']:.2f}, sample PSNR {s['ula_psnr']:.1f} dB, random weights); "
-              f"paper: 139 s (DPS 167 s, RED-Diff 22 s); goal <= 25 s")
-        print(f"  per evaluation (E and dE/dz of {sz['n']} images): {1e3 * s['ula'] / (2 * levels + 1):.1f} ms")
-        f = sampling_times(energy, sz["n"], sz["size"], sz["fp32_levels"], device, bf16=False)
-        scale = sz["levels"] / sz["fp32_levels"]
-        print(f"  float32 (TF32): ULA {f['ula']:.1f} s for {sz['fp32_levels']} levels -> {f['ula'] * scale:.1f} s "
-              f"for {sz['levels']}")
+        graph = device.type == "cuda"
+        for low in (False, True):
+            # a short probe first, so that a slow device cannot eat the whole check: beyond 75 s per run,
+            # time fewer levels and scale (the cost per level is constant)
+            probe = sampling_times(energy, sz["n"], sz["size"], 10, device, low, graph)["ula"] / 10
+            levels = sz["levels"] if probe * sz["levels"] < 75 else max(10, int(75 / probe))
+            s = sampling_times(energy, sz["n"], sz["size"], levels, device, low, graph)
+            k = sz["levels"] / levels
+            note = "" if levels == sz["levels"] else f" (timed {levels} levels, scaled by {k:.1f})"
+            print(f"  deblur {sz['n']} images, {sz['levels']} levels, 1 corrector step, "
+                  f"{'bf16' if low else 'float32/TF32'}{', CUDA graph' if graph else ''}: ULA {s['ula'] * k:.1f} s, "
+                  f"MALA {s['mala'] * k:.1f} s{note} (MALA/ULA {s['mala'] / s['ula']:.2f}, acceptance "
+                  f"{s['mala_acceptance']:.2f}; random weights); paper: 139 s (DPS 167 s, RED-Diff 22 s); goal <= 25 s")
+            print(f"    per evaluation (E and dE/dz of {sz['n']} images): {1e3 * s['ula'] / (2 * levels + 1):.1f} ms",
+                  flush=True)
 
     def prec():
-        p = precision(energy, sz["size"], 4 if device.type == "cuda" else 2, device)
-        print("  posterior means, bf16 autocast vs float32 (max |diff| per pixel; size of the learned correction;"
-              " PSNR fp32 / bf16):")
-        for name, r in p["tasks"].items():
-            print(f"    {name:18s} {r['max_diff']:9.2e}   learned {r['learned']:7.3f}   "
-                  f"{r['psnr_fp32']:6.2f} / {r['psnr_bf16']:6.2f} dB")
-        print(f"  blind inpainting: energies above the best candidate differ by up to {p['blind_max_diff_nats']:.3f} "
-              f"nats; same argmin: {p['blind_same_argmin']}")
-        print(f"  MALA log acceptance ratios: max |bf16 - fp32| = {p['mala_max_diff']:.3f} "
-              f"(fp32 values {', '.join(f'{v:.2f}' for v in p['mala_fp32_log_alpha'])})")
+        strict = lambda: mode(device, False, False)
+        for label, low in (("TF32", lambda: mode(device, False, True)), ("bf16 autocast", lambda: mode(device, True, True))):
+            p = precision(energy, sz["size"], 4 if device.type == "cuda" else 2, device, low=low, ref=strict)
+            print(f"  {label} against strict float32 (max |diff| per pixel of the posterior mean; size of the learned"
+                  f" correction; PSNR float32 / {label}):")
+            for name, r in p["tasks"].items():
+                print(f"    {name:18s} {r['max_diff']:9.2e}   learned {r['learned']:7.3f}   "
+                      f"{r['psnr_fp32']:6.2f} / {r['psnr_bf16']:6.2f} dB")
+            print(f"    blind inpainting: energies above the best candidate differ by up to "
+                  f"{p['blind_max_diff_nats']:.3f} nats; same argmin: {p['blind_same_argmin']}")
+            print(f"    MALA log acceptance ratios: max |diff| = {p['mala_max_diff']:.3f} "
+                  f"(float32 values {', '.join(f'{v:.2f}' for v in p['mala_fp32_log_alpha'])})", flush=True)
 
     part("1. training step", train)
     part("2. the real entry point under torchrun", entry)
     part("3. sampling", sampling)
-    part("4. precision: bf16 autocast vs float32", prec)
+    part("4. precision: TF32 and bf16 autocast against strict float32", prec)
     part("5. where a sampler evaluation spends its time", lambda: profile_evaluation(energy, sz["n"], sz["size"], device))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
 

@@ -479,6 +479,8 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=int, default=16, help="image size with --prior exact")
     p.add_argument("--channels", type=int, default=1, help="channels with --prior exact")
     p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--cuda-graph", type=int, default=1, choices=[0, 1],
+                   help="1: on CUDA, the samplers replay each evaluation as a captured CUDA graph")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="precision of inference (the weights are cast to it); float64 is the reference (README, Precision)")
     return p.parse_args(argv)
@@ -563,8 +565,10 @@ def main(argv=None):
         x_hat = aebm.posterior_mean(energy, y, cov_y)
         samples = []
         if args.sampler != "mean":
+            # on a GPU, (E, dE/dz) is replayed as a CUDA graph: 2.2x faster on an H100 (README, Benchmarks)
+            sampler_energy = CudaGraphEnergy(energy, cov_y.U(y), cov_y) if device.type == "cuda" and args.cuda_graph else energy
             for _ in range(args.samples):
-                res = reverse_diffusion(energy, y, cov_y, levels=args.steps, s_end=args.s_end,
+                res = reverse_diffusion(sampler_energy, y, cov_y, levels=args.steps, s_end=args.s_end,
                                         corrector="mala" if args.sampler == "mala" else "ula", n_corrector=args.correctors,
                                         eta=args.eta, tau=args.tau,
                                         schedule="adaptive" if args.sampler == "adaptive" else "geometric", generator=g)
