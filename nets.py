@@ -260,11 +260,13 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-def build_unet(config, img_size, in_channels):
-    """The UNet of a named configuration (CONFIGS) for img_size x img_size images with in_channels."""
+def build_unet(config, img_size, in_channels, dropout=None):
+    """The UNet of a named configuration (CONFIGS) for img_size x img_size images with in_channels;
+    dropout overrides the configuration's rate."""
     if config not in CONFIGS:
         raise ValueError(f"unknown network config {config!r}: use one of {sorted(CONFIGS)}")
-    return UNet(img_size=img_size, in_channels=in_channels, **CONFIGS[config])
+    kwargs = dict(CONFIGS[config], **({} if dropout is None else {"dropout": dropout}))
+    return UNet(img_size=img_size, in_channels=in_channels, **kwargs)
 
 
 def count_parameters(module):

@@ -27,6 +27,7 @@ import copy
 import csv
 import math
 import os
+import signal
 import sys
 import time
 
@@ -87,25 +88,50 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly")
     p.add_argument("--seed", type=int, default=0, help="random seed (rank r uses seed + r)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout rate of the UNet (default: the config's)")
     args = p.parse_args(argv)
     preset = PRESETS["imagenet64" if args.dataset == "imagenet64" else "quick"]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     size, basis = DATASET_DEFAULTS.get(args.dataset, (32, "dct"))
-    args.img_size = args.img_size or size
+    args.img_size = size if args.img_size is None else args.img_size
     args.spectral_basis = args.spectral_basis or basis
     if args.dataset == "mnist":
         args.channels = 1
+    if args.config not in nets.CONFIGS:
+        p.error(f"--config {args.config!r} is not one of {sorted(nets.CONFIGS)}")
+    if args.dropout is None:
+        args.dropout = nets.CONFIGS[args.config]["dropout"]
+    check_flags(p, args, [("--img-size", args.img_size, 1), ("--batch", args.batch, 1), ("--steps", args.steps, 1),
+                          ("--warmup", args.warmup, 0), ("--decay-every", args.decay_every, 1),
+                          ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 1),
+                          ("--ckpt-every", args.ckpt_every, 1), ("--val-batch", args.val_batch, 1)])
+    for flag, value, ok, what in [("--lr", args.lr, args.lr > 0, "positive"), ("--clip", args.clip, args.clip > 0, "positive"),
+                                  ("--ema", args.ema, 0 <= args.ema < 1, "in [0, 1)"),
+                                  ("--p-iso", args.p_iso, 0 <= args.p_iso <= 1, "in [0, 1]"),
+                                  ("--lam", args.lam, args.lam >= 0, "0 or more"),
+                                  ("--dropout", args.dropout, 0 <= args.dropout < 1, "in [0, 1)")]:
+        if not (math.isfinite(value) and ok):
+            p.error(f"{flag} must be {what}, got {value}")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     return args
+
+
+def check_flags(parser, args, integers):
+    """One-line errors at parse time for integer flags below their minimum (name, value, minimum)."""
+    for flag, value, minimum in integers:
+        if value < minimum:
+            parser.error(f"{flag} must be at least {minimum}, got {value}")
 
 
 # -----------------------------------------------------------------------------
 # Pieces of the loop.
 
 def learning_rate(step, args):
-    """Linear warm-up, then halve every decay_every steps (METHOD.md §6)."""
-    return args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 ** (step // args.decay_every)
+    """Linear warm-up (none for --warmup 0), then halve every decay_every steps (docs/method.md §6)."""
+    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1)) * 0.5 ** (step // args.decay_every)
 
 
 def average_gradients(params, world):
@@ -172,23 +198,44 @@ def draw_batch(ds, n, g_data, device, dtype):
     return x.to(device=device, dtype=dtype)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one (if any) is intact."""
+
+
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file in the same directory, flush it to disk, then os.replace."""
+    """Atomic: write a temporary file in the same directory, flush it to disk, then os.replace. A disk
+    or permission fault leaves the previous checkpoint as it was and raises CheckpointError."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        kept = "the previous checkpoint is intact" if os.path.exists(path) else "no earlier checkpoint exists"
+        raise CheckpointError(f"cannot write checkpoint {path} ({e.strerror or e}); {kept}. "
+                              "Free disk space or fix the directory's permissions, then --resume") from None
 
 
 def load_checkpoint(path, device="cpu"):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py --out {os.path.dirname(path) or '.'})")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated or foreign file
         raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it may be corrupt or not an aebm checkpoint") from None
+    expected = ("model", "ema", "opt", "step", "config", "rng")
+    missing = [k for k in expected if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or not isinstance(ckpt.get("config"), dict) or not all(k in ckpt["config"] for k in ARCHITECTURE_KEYS):
+        what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"a dict without {', '.join(missing) or 'a configuration'}"
+        raise ValueError(f"{path} is not a checkpoint of train.py: it holds {what}; expected a dict with "
+                         f"{', '.join(expected)} (written by `python train.py --out DIR`)")
+    return ckpt
 
 
 def check_same_config(saved, args, path):
@@ -201,7 +248,7 @@ def check_same_config(saved, args, path):
 
 def build_energy(config, device="cpu"):
     """The energy model described by a checkpoint's config dict (used by sample.py too)."""
-    net = nets.build_unet(config["config"], config["img_size"], config["channels"])
+    net = nets.build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"))
     net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
     return aebm.EnergyModel(net, config["data_mean"], config["data_var"])
 
@@ -210,7 +257,11 @@ def load_energy(path, device="cpu", use_ema=True):
     """(energy model in eval mode with the EMA weights, config) from a checkpoint."""
     ckpt = load_checkpoint(path, device)
     energy = build_energy(ckpt["config"], device)
-    energy.net.load_state_dict(ckpt["ema" if use_ema else "model"])
+    try:
+        energy.net.load_state_dict(ckpt["ema" if use_ema else "model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"checkpoint {path} does not fit this version's {ckpt['config']['config']!r} network "
+                         f"({str(e).splitlines()[0]}); retrain it with this code") from None
     return energy.eval(), ckpt["config"]
 
 
@@ -236,11 +287,78 @@ def validate(energy, val_x, args, step, out_dir):
 
 
 # -----------------------------------------------------------------------------
+# What a cluster does to a run: signals, full disks, resumes.
+
+class StopSignals:
+    """SIGTERM (a scheduler's warning before preemption) and SIGINT (Ctrl-C) ask the loop to stop
+    after the current step, write a checkpoint and exit with 128 + the signal's number; a second
+    signal exits at once. The previous handlers come back with restore()."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)  # the second signal: no more waiting
+        self.signum = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def agreed_signal(signum, world):
+    """The signal any rank received (0 if none), the same on every rank: they stop together."""
+    if not dist.is_initialized():
+        return signum or 0
+    t = torch.tensor([float(signum or 0)], device=dist_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def prepare_out(out):
+    """The run directory, created if needed; a clear error if it is a file or not writable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"error: --out {out} is a file, not a directory; pass a directory for ckpt.pt and log.csv")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out {out} ({e.strerror or e}); pass a writable directory")
+
+
+def truncate_log(path, step):
+    """On --resume: drop the rows logged after the checkpoint's step (written, then lost with the
+    process), atomically, so that log.csv holds each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
 # The run.
 
 def main(argv=None):
     args = parse_args(argv)
+    stop = StopSignals()
+    try:
+        return run(args, stop)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        stop.restore()
 
+
+def run(args, stop):
     # Distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process.
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -259,10 +377,12 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtype = getattr(torch, args.dtype)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    prepare_out(args.out)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.csv")
 
-    # Data: per-rank generators. g_data (CPU) draws images, flips and covariances; g_noise the noise.
+    # Data: per-rank generators. g_data (CPU) draws images, flips and covariances; g_noise the noise;
+    # torch's global generator (seeded per rank below) drives dropout. All three are checkpointed;
+    # validation draws from none of them (its own fixed generators, the EMA net in eval mode).
     ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "train")
     val_ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "test")
     args.channels = ds.channels
@@ -274,7 +394,8 @@ def main(argv=None):
     # seed and then takes rank 0's tensors: without the DDP wrapper nobody else would synchronise
     # the replicas, and identical averaged gradients on different weights would never agree.
     config = {k: getattr(args, k) for k in ARCHITECTURE_KEYS}
-    config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam)
+    config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam,
+                  dropout=args.dropout)
     torch.manual_seed(args.seed)
     energy = build_energy(config, device)
     net = energy.net
@@ -282,7 +403,7 @@ def main(argv=None):
         for tensor in list(net.parameters()) + list(net.buffers()):
             dist.broadcast(tensor.data, src=0)
     torch.manual_seed(20_000 + args.seed + rank)  # per-rank dropout
-    ema = copy.deepcopy(net).requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()  # never trained, so no dropout in validation
     ema_energy = aebm.EnergyModel(ema, ds.mean, ds.var)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     step = 0
@@ -306,6 +427,7 @@ def main(argv=None):
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"].cpu())
         if master:
+            truncate_log(log_path, step)
             print(f"resumed from {ckpt_path} at step {step}")
     elif master and os.path.exists(ckpt_path):
         print(f"note: {ckpt_path} exists and will be overwritten (use --resume to continue it)")
@@ -327,7 +449,7 @@ def main(argv=None):
         print(f"{args.dataset} {args.img_size}x{args.img_size}x{args.channels}, {args.config} "
               f"({nets.count_parameters(net) / 1e6:.2f} M params), batch {args.batch} on {world} x {device}, "
               f"lam {args.lam}, spectral basis {args.spectral_basis}")
-        log_file = open(os.path.join(args.out, "log.csv"), "a" if args.resume else "w", newline="")
+        log_file = open(log_path, "a" if args.resume else "w", newline="")
         log = csv.writer(log_file)
         if not args.resume:
             log.writerow(["step", "split", "loss_dsm", "loss_csm", "lr", "grad_norm", "img_per_s", "elapsed_s"])
@@ -354,18 +476,27 @@ def main(argv=None):
             img_s = (step - step_last) * args.batch / max(now - t_last, 1e-9)
             eta = (args.steps - step) * args.batch / max(img_s, 1e-9)
             print(f"step {step:7d} | dsm {L_dsm:.4f} | csm {L_csm:.4f} | lr {lr:.2e} | |g| {grad_norm:6.2f} | "
-                  f"{img_s:7.1f} img/s | eta {eta / 60:6.1f} min")
+                  f"{img_s:7.1f} img/s | eta {eta / 60:6.1f} min", flush=True)
             log.writerow([step, "train", L_dsm, L_csm, lr, grad_norm, img_s, now - t_start])
             log_file.flush()
             t_last, step_last = now, step
         if step % args.eval_every == 0 or step == args.steps:
             if master:
                 v_dsm, v_csm = validate(ema_energy, val_x, args, step, args.out)
-                print(f"step {step:7d} | validation (EMA) dsm {v_dsm:.4f} | csm {v_csm:.4f}")
+                print(f"step {step:7d} | validation (EMA) dsm {v_dsm:.4f} | csm {v_csm:.4f}", flush=True)
                 log.writerow([step, "val", v_dsm, v_csm, lr, "", "", time.time() - t_start])
                 log_file.flush()
-        if step % args.ckpt_every == 0 or step == args.steps:
+        signum = agreed_signal(stop.signum, world)
+        if step % args.ckpt_every == 0 or step == args.steps or signum:
             checkpoint()
+        if signum:
+            if master:
+                log_file.close()
+                print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {ckpt_path} written; "
+                      f"continue with --resume", flush=True)
+            if distributed:
+                dist.destroy_process_group()
+            sys.exit(128 + signum)
 
     if master:
         log_file.close()

@@ -113,9 +113,15 @@ def test_resume_is_bit_identical_and_foreign_configs_are_refused(tmp_path):
         train.main(run_args(tmp_path / "nothing", 3, "--resume"))
 
 
+def fake_state(step, w):
+    """The structure of a train.py checkpoint, with a tensor to tell versions apart."""
+    config = {k: None for k in train.ARCHITECTURE_KEYS}
+    return {"model": {"w": w}, "ema": {}, "opt": {}, "step": step, "config": config, "rng": []}
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    train.save_checkpoint(path, fake_state(1, torch.ones(3)))
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -123,10 +129,10 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
 
     monkeypatch.setattr(train.torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        train.save_checkpoint(path, fake_state(2, torch.zeros(3)))
     monkeypatch.undo()
     ckpt = train.load_checkpoint(path)
-    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+    assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
     with open(path + ".tmp", "wb") as f:  # a truncated file is reported, not half-loaded
         f.write(b"junk")
     with pytest.raises(ValueError, match="corrupt"):
@@ -194,11 +200,148 @@ def torchrun(out, steps, *extra):
 def test_torchrun_with_two_gloo_ranks_trains_and_resumes_exactly(tmp_path):
     """The real launcher: `torchrun --nproc_per_node=2 train.py` on CPU (gloo); 2 + 2 steps with
     --resume equal 4 steps, which needs every rank's RNG state in the checkpoint."""
-    torchrun(tmp_path / "straight", 4)
-    torchrun(tmp_path / "halves", 2)
-    torchrun(tmp_path / "halves", 4, "--resume")
+    torchrun(tmp_path / "straight", 4, "--dropout", "0.1")  # dropout: every rank's global generator is saved
+    torchrun(tmp_path / "halves", 2, "--dropout", "0.1")
+    torchrun(tmp_path / "halves", 4, "--resume", "--dropout", "0.1")
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
     assert len(a["rng"]) == 2 and a["step"] == b["step"] == 4
     for key in ("model", "ema", "opt", "rng"):
         assert_same_state(a[key], b[key])
+
+
+# -----------------------------------------------------------------------------
+# What clusters do to a run: dropout, signals, kills, full disks (README, Training).
+
+def test_resume_with_dropout_is_bit_identical_and_validation_draws_nothing(tmp_path):
+    """Dropout draws from torch's global generator, which the checkpoint saves; validation (the EMA net
+    in eval mode, its own generators) draws from nothing, so a run that validated at step 3 (its last)
+    continues like one that did not."""
+    dropout = ["--dropout", "0.1", "--eval-every", "100", "--dtype", "float32"]
+    train.main(run_args(tmp_path / "straight", 6, *dropout))
+    train.main(run_args(tmp_path / "halves", 3, *dropout))
+    train.main(run_args(tmp_path / "halves", 6, "--resume", *dropout))
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
+    for key in ("model", "ema", "opt", "rng"):
+        assert_same_state(a[key], b[key])
+    energy, config = train.load_energy(str(tmp_path / "straight" / "ckpt.pt"))
+    args = train.parse_args(run_args(tmp_path / "v", 1))
+    val_x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    first = train.validate(energy, val_x, args, 0, str(tmp_path))
+    second = train.validate(energy, val_x, args, 0, str(tmp_path))
+    assert first == second and torch.equal(state, torch.get_rng_state())
+
+
+def start_training(out, steps=100_000, *extra):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "train.py", "--dataset", "gaussian", "--img-size", "8", "--channels", "1", "--config",
+           "tiny", "--batch", "4", "--steps", str(steps), "--log-every", "1", "--eval-every", "100000",
+           "--val-batch", "2", "--out", str(out), "--device", "cpu", "--dropout", "0.1", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(proc, step):
+    for line in proc.stdout:
+        if line.startswith("step") and "validation" not in line and int(line.split()[1]) >= step:
+            return
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_the_current_step_and_resuming_equals_the_straight_run(tmp_path, sig):
+    import signal
+
+    proc = start_training(tmp_path / "run", 100_000, "--ckpt-every", "1000")
+    wait_for_step(proc, 4)
+    proc.send_signal(getattr(signal, sig))
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + getattr(signal, sig), rest
+    assert f"stopped by {sig} at step" in rest, rest
+    stopped = int(rest.split(f"stopped by {sig} at step ")[1].split(":")[0])
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == stopped >= 4
+    # the same thread count as the interrupted process: summation order must match for bit equality
+    for out, extra in ((tmp_path / "run", ["--resume"]), (tmp_path / "straight", [])):
+        proc = start_training(out, stopped + 2, "--ckpt-every", "1000", *extra)
+        assert proc.wait(timeout=120) == 0, proc.stdout.read()
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    for key in ("model", "ema", "opt", "rng"):
+        assert_same_state(a[key], b[key])
+
+
+def test_log_holds_each_step_once_after_a_kill_and_a_resume(tmp_path):
+    import signal
+
+    proc = start_training(tmp_path, 100_000, "--ckpt-every", "3")
+    wait_for_step(proc, 8)
+    proc.send_signal(signal.SIGKILL)  # no handler can run: the rows after the last checkpoint are orphans
+    proc.wait(timeout=60)
+    ckpt_step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    proc = start_training(tmp_path, ckpt_step + 4, "--ckpt-every", "3", "--resume")
+    assert proc.wait(timeout=120) == 0, proc.stdout.read()
+    import csv
+
+    with open(tmp_path / "log.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["split"] == "train"]
+    assert steps == list(range(1, ckpt_step + 5)), steps
+
+
+def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, f):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(train.torch, "save", save)
+    with pytest.raises(SystemExit, match="cannot write checkpoint .*No space left on device.*previous checkpoint is intact"):
+        train.main(run_args(tmp_path, 9))
+    monkeypatch.undo()
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+    assert not os.path.exists(tmp_path / "ckpt.pt.tmp")
+
+
+def test_out_that_is_a_file_and_non_checkpoints_give_one_line_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a directory"):
+        train.main(run_args(tmp_path / "file", 2))
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    torch.save({"model": {}}, tmp_path / "dict.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of train.py: it holds Tensor"):
+        train.load_checkpoint(str(tmp_path / "tensor.pt"))
+    with pytest.raises(ValueError, match="not a checkpoint of train.py: it holds a dict without ema"):
+        train.load_energy(str(tmp_path / "dict.pt"))
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--img-size", "0", "--img-size must be at least 1"), ("--steps", "0", "--steps must be at least 1"),
+    ("--steps", "-5", "--steps must be at least 1"), ("--lr", "0", "--lr must be positive"),
+    ("--clip", "-1", "--clip must be positive"), ("--ema", "-0.1", "--ema must be in"), ("--ema", "1.5", "--ema must be in"),
+    ("--p-iso", "1.2", "--p-iso must be in"), ("--lam", "-1", "--lam must be 0 or more"),
+    ("--warmup", "-1", "--warmup must be at least 0"), ("--decay-every", "0", "--decay-every must be at least 1"),
+    ("--log-every", "0", "--log-every must be at least 1"), ("--eval-every", "0", "--eval-every must be at least 1"),
+    ("--ckpt-every", "0", "--ckpt-every must be at least 1"), ("--batch", "-4", "--batch must be at least 1"),
+    ("--dropout", "1.0", "--dropout must be in"), ("--lr", "nan", "--lr must be positive"),
+])
+def test_bad_numeric_flags_are_refused_at_parse_time_naming_the_flag(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args([flag, value])
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_refused_at_parse_time(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda"])
+    assert "no CUDA device is available" in capsys.readouterr().err
