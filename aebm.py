@@ -1,5 +1,5 @@
 """
-The normalized energy, dual score matching, and log-probabilities (METHOD.md §3, §4, §7 M10).
+The normalized energy, dual score matching, and log-probabilities (docs/method.md §3, §4, §6 M10).
 
 The energy protocol. Anything with the call signature
 

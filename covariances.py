@@ -1,7 +1,7 @@
 """
 Diagonal covariances in three orthonormal bases, and the linear degradations built from them.
 
-This is the first file to read (METHOD.md §2). Everything else in aebm speaks about noise
+This is the first file to read (docs/method.md §2). Everything else in aebm speaks about noise
 through the `Covariance` class defined here:
 
     Sigma = U^H diag(s) U                                                            (M1)
@@ -15,7 +15,7 @@ with s the per-coordinate variances, shape (B, C, H, W), and U one of three base
 The second half of the file builds covariances for every family the project uses (isotropic,
 box / half / random masks, patches, blur, super-resolution), the `Degradation` class that turns
 a linear inverse problem y = A x + sigma_n xi into an anisotropic denoising problem (M2), and
-the training distribution of covariances (METHOD.md §2.4).
+the training distribution of covariances (docs/method.md §2).
 
 aebm.py computes energies and dual-score losses for a (y, Covariance) pair; nets.py embeds
 `cov.log_s`; sample.py builds its tasks from the constructors at the bottom of this file.
@@ -27,8 +27,8 @@ import math
 import torch
 
 BASES = ("pixel", "fft", "dct")
-S_HUGE = 1e8  # variance of a coordinate that carries no information (METHOD.md §2.3)
-S_MIN, S_MAX = 1e-6, 1e3  # range of variances the network's embedding sees (METHOD.md §2.4)
+S_HUGE = 1e8  # variance of a coordinate that carries no information (docs/method.md §2)
+S_MIN, S_MAX = 1e-6, 1e3  # range of variances the network's embedding sees (docs/method.md §2)
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def check_variance(name, v):
 
 
 # -----------------------------------------------------------------------------
-# Pixel-basis families: masks and patches (METHOD.md §2.2). Each mask is a boolean "missing"
+# Pixel-basis families: masks and patches (docs/method.md §2). Each mask is a boolean "missing"
 # map of shape (B, 1, H, W); `mask_covariance` gives missing pixels one variance and observed
 # pixels another.
 
@@ -253,7 +253,7 @@ def patch_covariance(s_patch, P):
 
 # -----------------------------------------------------------------------------
 # Spectral families: the eigenvalues a_k of blur and super-resolution operators in a basis
-# (METHOD.md §2.2). Both are separable, a_{k1,k2} = a_{k1} a_{k2}.
+# (docs/method.md §2). Both are separable, a_{k1,k2} = a_{k1} a_{k2}.
 
 def gaussian_kernel_1d(b, n):
     """Normalised Gaussian taps h(-R..R) of std b pixels, radius R = min(ceil(4b), n // 2 - 1)
@@ -300,7 +300,7 @@ def separable(a_h, a_w, shape, dtype, device):
 
 
 # -----------------------------------------------------------------------------
-# A linear inverse problem as anisotropic denoising (METHOD.md §2.3, paper eq. 7).
+# A linear inverse problem as anisotropic denoising (docs/method.md §2, paper eq. 7).
 
 class Degradation:
     """y_obs = A x + sigma_n xi with A = U^H diag(a) U. `a` has shape (B, C, H, W).
@@ -379,7 +379,7 @@ def sr_problem(shape, r, sigma_n, basis="dct", dtype=None, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# The training distribution of covariances (METHOD.md §2.4).
+# The training distribution of covariances (docs/method.md §2).
 
 def log_uniform(n, lo, hi, generator=None):
     u = torch.rand(n, generator=generator, dtype=torch.float64)
@@ -388,7 +388,7 @@ def log_uniform(n, lo, hi, generator=None):
 
 def sample_training_covariances(shape, spectral_basis="fft", p_isotropic=0.1, s_range=(S_MIN, S_MAX),
                                 noise_range=(1e-6, 1.0), generator=None, dtype=None, device="cpu"):
-    """Draw one covariance per image of a batch of `shape` (METHOD.md §2.4).
+    """Draw one covariance per image of a batch of `shape` (docs/method.md §2).
 
     Each image is, with probability 1/2, a pixel-basis mask (box or half, size uniform in 1..H,
     position uniform, s_in and s_out independent log-uniform in s_range), otherwise a spectral one

@@ -1,5 +1,5 @@
 """
-Datasets: images as float tensors in [0, 1], shape (C, H, W) at --img-size (METHOD.md §2.2).
+Datasets: images as float tensors in [0, 1], shape (C, H, W) at --img-size (docs/method.md §2).
 
 Every dataset here offers the same three things, and train.py / sample.py use nothing else:
 
@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import struct
+import zipfile
 
 import numpy as np
 import torch
@@ -48,15 +49,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 class GaussianField:
     """x = mu + U^H(sqrt(c) zeta) in the FFT basis, with power spectrum c(k) = A / (k0^2 + |k|^2)^(alpha/2)
     (|k| in cycles per image, periodic), scaled so that each pixel has variance `var`. Channels are
-    independent. Values are not clipped: the density must stay exactly Gaussian."""
+    independent. Values are not clipped: the density must stay exactly Gaussian. img_size: an int
+    or (H, W) (sample.py builds one at the size of a user's image for --prior exact)."""
 
     def __init__(self, img_size, channels, alpha=2.0, k0=1.0, mean=0.5, var=0.04):
+        H, W = (img_size, img_size) if isinstance(img_size, int) else img_size
         self.img_size, self.channels, self.mean, self.var = img_size, channels, mean, var
-        k = torch.arange(img_size, dtype=torch.float64)
-        k = torch.minimum(k, img_size - k)  # |frequency index|, symmetric so that Sigma is real
-        c = 1.0 / (k0 ** 2 + k[:, None] ** 2 + k[None, :] ** 2) ** (alpha / 2)
+        kh, kw = torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64)
+        kh, kw = torch.minimum(kh, H - kh), torch.minimum(kw, W - kw)  # |frequency index|: s[k] = s[-k], Sigma real
+        c = 1.0 / (k0 ** 2 + kh[:, None] ** 2 + kw[None, :] ** 2) ** (alpha / 2)
         c = c * var / c.mean()  # per-pixel variance = mean of the spectrum (Parseval)
-        self.spectrum = cv.Covariance(c.expand(1, channels, img_size, img_size).contiguous(), "fft")
+        self.spectrum = cv.Covariance(c.expand(1, channels, H, W).contiguous(), "fft")
         self.prior = aebm.GaussianEnergy(mean, self.spectrum)  # the exact energy, float64
 
     def get_batch(self, n, generator=None):
@@ -179,14 +182,30 @@ def read_imagenet64(root, split):
     arrays = []
     for f in files:
         try:
-            with np.load(os.path.join(root, f)) as z:
+            with np.load(os.path.join(root, f)) as z:  # allow_pickle=False: an npz cannot run code here
                 data = z["data"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"corrupt ImageNet64 file {os.path.join(root, f)}: {e}") from None
-        if data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
-            raise ValueError(f"{os.path.join(root, f)}: 'data' must be (N, 12288) uint8, got {data.shape}")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"corrupt or truncated ImageNet64 file {os.path.join(root, f)} ({type(e).__name__}: {e}); "
+                             "download it again") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 64 * 64 or len(data) == 0:
+            raise ValueError(f"{os.path.join(root, f)}: 'data' must be (N, 12288) uint8 with N >= 1, got {data.shape}")
         arrays.append(data.reshape(-1, 3, 64, 64))  # channel-planar: R, G, B planes
     return np.concatenate(arrays)
+
+
+class ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, strings, bytes, numbers and numpy
+    arrays. A pickle can name any callable to run while it is read; this refuses all but numpy's
+    array reconstructors, so a malicious batch raises instead of running code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays")
+        return super().find_class(module, name)
 
 
 def read_cifar10(root, split):
@@ -198,10 +217,10 @@ def read_cifar10(root, split):
         path = require(os.path.join(base, name), "CIFAR-10 batch", hint)
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = ArraysOnlyUnpickler(f, encoding="bytes").load()
             arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
-            raise ValueError(f"corrupt CIFAR-10 batch {path}: {e}") from None
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(f"corrupt or unsafe CIFAR-10 batch {path}: {e}") from None
     return np.concatenate(arrays)
 
 
@@ -222,6 +241,8 @@ def read_mnist(root, split):
             data = np.frombuffer(f.read(n * rows * cols), dtype=np.uint8)
             if data.size != n * rows * cols:
                 raise ValueError(f"file holds {data.size} bytes of pixels, header promises {n * rows * cols}")
+            if n == 0 or rows == 0 or cols == 0:
+                raise ValueError(f"the file holds no images ({n} of {rows}x{cols})")
     except (OSError, struct.error, EOFError) as e:
         raise ValueError(f"corrupt MNIST file {path}: {e}") from None
     except ValueError as e:
@@ -248,8 +269,17 @@ def read_celeba(root, split):
     partition = os.path.join(os.path.dirname(os.path.normpath(folder)), "list_eval_partition.txt")
     if os.path.exists(partition):  # the official split: 0 train, 1 validation, 2 test
         wanted = {"train": {"0", "1"}, "test": {"2"}}[split]
+        keep = set()
         with open(partition) as f:
-            keep = {line.split()[0] for line in f if line.strip() and line.split()[1] in wanted}
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+                    raise ValueError(f"malformed line {number} of {partition}: {line.strip()!r}; expected "
+                                     "'<file>.jpg <0|1|2>' (the official list_eval_partition.txt)")
+                if fields[1] in wanted:
+                    keep.add(fields[0])
         return [p for p in files if os.path.basename(p) in keep]
     return split_files(files, split)
 
@@ -307,6 +337,51 @@ def save_grid(path, rows, pad=2):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(arr).save(path)
     return path
+
+
+def read_image(path, channels):
+    """A user's image file (any format pillow reads) as a (1, channels, H, W) float tensor in [0, 1];
+    colour is converted to grey or back as the model needs. Clear errors for a missing or non-image file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no image file at {path}")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path} is not an image pillow can read ({type(e).__name__}: {e})") from None
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr.copy()).float()[None] / 255.0
+
+
+def read_mask(path, H, W):
+    """A mask image (white = missing) of exactly H x W, as a (1, 1, H, W) bool map."""
+    m = read_image(path, 1)
+    if m.shape[-2:] != (H, W):
+        raise ValueError(f"mask {path} is {m.shape[-1]}x{m.shape[-2]} (W x H) but the image is {W}x{H}; "
+                         "draw the mask at the image's size (white = missing)")
+    return m > 0.5
+
+
+def save_image(path, x):
+    """Write one (1 or 3, H, W) image in [0, 1] (values clipped) as a PNG at its own size."""
+    x = x.detach().float().cpu().clamp(0, 1)
+    arr = (x.expand(3, *x.shape[-2:]) if x.shape[0] == 1 else x).permute(1, 2, 0).numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray((arr * 255 + 0.5).astype(np.uint8)).save(path)
+    return path
+
+
+def pad_symmetric(x, multiple):
+    """Pad the bottom and right of (B, C, H, W) to multiples of `multiple` with half-sample-symmetric
+    reflection (...x1 x0 | x0 x1..., the boundary the DCT assumes); crop back with x[..., :H, :W]."""
+    H, W = x.shape[-2:]
+    ph, pw = -H % multiple, -W % multiple
+    while ph or pw:  # a pad larger than the image takes several reflections
+        h, w = min(ph, x.shape[-2]), min(pw, x.shape[-1])
+        x = torch.cat([x, x.flip(-2)[..., :h, :]], -2)
+        x = torch.cat([x, x.flip(-1)[..., :w]], -1)
+        ph, pw = ph - h, pw - w
+    return x
 
 
 def nice_ticks(lo, hi, n=5):

@@ -1,5 +1,5 @@
 """
-The network F_theta of the energy (METHOD.md §5): an EDM-style "SongUNet" (DDPM++ family) whose
+The network F_theta of the energy (docs/method.md §3): an EDM-style "SongUNet" (DDPM++ family) whose
 noise conditioning is an embedding of the whole covariance Sigma, applied as gains.
 
     energy = aebm.EnergyModel(UNet(**CONFIGS["small"], img_size=32, in_channels=3))
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from covariances import S_MAX, S_MIN
 
-# Presets are plain dicts (METHOD.md §5). `paper64` is the paper's 64x64 network; `small` is the
+# Presets are plain dicts (docs/method.md §3). `paper64` is the paper's 64x64 network; `small` is the
 # CPU configuration used by the quickstart; `tiny` keeps tests fast.
 CONFIGS = {
     "paper64": dict(channels=128, mults=(1, 2, 2, 2), blocks=4, attn=(16,), dropout=0.1,

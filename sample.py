@@ -1,5 +1,5 @@
 """
-Inference (METHOD.md §7): every sampler as one plain loop over the energy protocol, the inverse
+Inference (docs/method.md §6): every sampler as one plain loop over the energy protocol, the inverse
 problems as tasks, blind estimation, log-probabilities, and the command line.
 
     python sample.py --task inpaint --blind          # after `python train.py`
@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from types import SimpleNamespace
 
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 import aebm
 import covariances as cv
 import data
+import nets
 
-S_MAX_PRIOR = 25.0 ** 2  # missing coordinates start the reverse diffusion from this variance (METHOD.md §7)
+S_MAX_PRIOR = 25.0 ** 2  # missing coordinates start the reverse diffusion from this variance (docs/method.md §6)
 
 
 def basis_sum(z):
@@ -307,7 +309,7 @@ def any_order(energy, shape, P, order=None, levels_per_patch=20, s_max=S_MAX_PRI
 
 def blind_inpaint(energy, y, channels, sizes, noises, missing_var=cv.S_HUGE):
     """Energies E(y, Sigma(size, sigma)) of one observation y under every centred box size x noise
-    level candidate, all evaluating the same y (METHOD.md §7). Returns (energies (B, n_size, n_noise),
+    level candidate, all evaluating the same y (docs/method.md §6). Returns (energies (B, n_size, n_noise),
     estimated size (B,), estimated sigma (B,))."""
     B = y.shape[0]
     grid = torch.empty(B, len(sizes), len(noises), dtype=torch.float64)
@@ -318,17 +320,20 @@ def blind_inpaint(energy, y, channels, sizes, noises, missing_var=cv.S_HUGE):
                 cov = cv.mask_covariance(missing, missing_var, sigma ** 2, channels, dtype=y.dtype)
                 grid[:, i, j] = energy(y, cov).double().cpu()
     best = grid.flatten(1).argmin(1)
-    return grid, torch.tensor(sizes)[best // len(noises)], torch.tensor(noises)[best % len(noises)]
+    return grid, torch.tensor(sizes)[best // len(noises)], torch.tensor(noises, dtype=torch.float64)[best % len(noises)]
 
 
-def degradation_nll(energy, y_obs, prob, mean, generator=None):
+def degradation_nll(energy, y_obs, prob, mean, generator=None, observed_only=False):
     """-log p(y_obs) under the degradation `prob`, from the normalized energy of its denoising
     observation (M2) by a change of variables in the basis, z = U y_obs:
       informative k:    z_k = a_k y~_k      ->  + log |a_k|
       uninformative k:  z_k ~ N(a_k mu_k, sigma_n^2)  (x is invisible there); the energy of y~_k there,
                         the Gaussian limit at variance s_huge, is removed (exact as s_huge -> inf).
     Candidates with different operators A can then be compared (blind deblurring). Everything stays
-    in basis coordinates (the energy of U y~ directly: README, Precision). `generator` is unused."""
+    in basis coordinates (the energy of U y~ directly: README, Precision). observed_only leaves out the
+    measurement of the uninformative coordinates (for candidates that share the operator, when those
+    values were not measured: the hole of a photo to inpaint, the empty grid of an upscaled image).
+    `generator` is unused."""
     z_t, cov = prob.to_denoising_z(y_obs, mean)
     with torch.no_grad():
         E = aebm.energy_of_z(energy, z_t, cov).double()
@@ -336,6 +341,8 @@ def degradation_nll(energy, y_obs, prob, mean, generator=None):
     mu = cv.to_basis(torch.as_tensor(mean, dtype=y_obs.dtype, device=y_obs.device).expand_as(y_obs), prob.basis)
     fill = 0.5 * ((z_t - mu).abs().square() / prob.s_huge + math.log(2 * math.pi * prob.s_huge))
     noise = 0.5 * ((z - prob.a * mu).abs().square() / prob.sigma_n ** 2 + math.log(2 * math.pi * prob.sigma_n ** 2))
+    if observed_only:  # the uninformative coordinates were not measured (a photo's hole, an upscaled grid)
+        noise = torch.zeros_like(noise)
     jac = prob.a.abs().clamp_min(1e-300).log()
     per_coord = torch.where(prob.informative, jac, noise - fill)
     return E + basis_sum(per_coord)
@@ -351,7 +358,7 @@ def blind_deblur(energy, y_obs, blur_stds, noises, basis, mean, generator=None):
             g = torch.Generator(y_obs.device).manual_seed(0) if generator is None else generator
             grid[:, i, j] = degradation_nll(energy, y_obs, prob, mean, g).cpu()
     best = grid.flatten(1).argmin(1)
-    return grid, torch.tensor(blur_stds)[best // len(noises)], torch.tensor(noises)[best % len(noises)]
+    return grid, torch.tensor(blur_stds, dtype=torch.float64)[best // len(noises)], torch.tensor(noises, dtype=torch.float64)[best % len(noises)]
 
 
 # -----------------------------------------------------------------------------
@@ -398,12 +405,14 @@ def ssim(x, ref, size=11, sigma=1.5):
 # -----------------------------------------------------------------------------
 # Tasks and the command line.
 
+NOISES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2]  # candidates of blind noise estimation
+BLUR_STDS = [0.5, 1.0, 1.5, 2.0, 3.0]  # candidates of blind deblurring
+
+
 def build_task(args, shape, device, dtype):
     """The degradation of --task: a missing map (B, 1, H, W) for inpainting, else a Degradation.
     Impossible parameters give a ValueError that names the flag."""
     B, C, H, W = shape
-    if not args.noise > 0:
-        raise ValueError(f"--noise must be positive (it is the noise std of the measurement), got {args.noise}")
     if args.task == "inpaint":
         if args.mask == "box":
             size = args.box_size if args.box_size is not None else H // 2
@@ -415,16 +424,14 @@ def build_task(args, shape, device, dtype):
             if not 0 < rows <= H:
                 raise ValueError(f"--half-rows {rows} must be in 1..{H}")
             return cv.half_mask(shape, rows, device=device)
-        if not 0 < args.ratio < 1:
-            raise ValueError(f"--ratio {args.ratio} must be in (0, 1)")
         return cv.random_mask(shape, args.ratio, torch.Generator().manual_seed(args.seed)).to(device)
     if args.task == "denoise":
         return cv.denoising_problem(shape, args.noise, dtype, device)
     if args.task == "deblur":
         return cv.blur_problem(shape, args.blur_std, args.noise, args.basis, dtype, device)
     if args.task == "sr":
-        if args.sr_factor < 1 or H % args.sr_factor or W % args.sr_factor:
-            raise ValueError(f"--sr-factor {args.sr_factor} must be a positive integer dividing the image size {H}x{W}")
+        if H % args.sr_factor or W % args.sr_factor:
+            raise ValueError(f"--sr-factor {args.sr_factor} must divide the image size {H}x{W}")
         return cv.sr_problem(shape, args.sr_factor, args.noise, args.basis, dtype, device)
     raise ValueError(f"task {args.task!r} has no degradation")
 
@@ -436,8 +443,6 @@ def observe(args, x, mean, generator):
     to (y~, Sigma_y) by M2."""
     task = build_task(args, x.shape, x.device, x.dtype)
     if args.task == "inpaint":
-        if not args.missing_var > 0:
-            raise ValueError(f"--missing-var must be positive, got {args.missing_var}")
         cov_y = cv.mask_covariance(task, args.missing_var, args.noise ** 2, x.shape[1], x.dtype)
         y = x + cov_y.sample(generator)[0]
         return y, cov_y, torch.where(task, torch.zeros_like(y), y), task
@@ -446,31 +451,151 @@ def observe(args, x, mean, generator):
     return y, cov_y, y_obs, task
 
 
+def upscale_grid(small, r):
+    """A small image l (B, C, h, w) as the measurement of super-resolution by r on the (rh, rw) grid, in
+    the DCT basis: the kept coefficients of the large image are r times the small image's DCT
+    (DCT-domain down-sampling, docs/method.md §2.2); the dropped ones are not measured (zero here)."""
+    B, C, h, w = small.shape
+    z = torch.zeros(B, C, r * h, r * w, dtype=small.dtype, device=small.device)
+    z[..., :h, :w] = r * cv.to_basis(small, "dct")
+    return cv.from_basis(z, "dct")
+
+
+def observed_problem(args, energy, y_obs, missing=None):
+    """(y~, Sigma_y, estimates) for a measurement y_obs that came as it is (--observed), with no truth.
+    A degradation parameter left unset (--noise, --blur-std) is estimated blindly: the candidate that
+    minimises -log p(y_obs) under the normalized energy (degradation_nll). estimates: {name: value}."""
+    mean, shape = energy_mean(energy), y_obs.shape
+    kw = dict(dtype=y_obs.dtype, device=y_obs.device)
+    noises = NOISES if args.noise is None else [args.noise]
+    if args.task == "deblur":
+        stds = BLUR_STDS if args.blur_std is None else [args.blur_std]
+        grid, b, sigma = blind_deblur(energy, y_obs, stds, noises, args.basis, mean)
+        b, sigma = float(b[0]), float(sigma[0])
+        prob = cv.blur_problem(shape, b, sigma, args.basis, **kw)
+        estimates = dict(blur_std=b, noise=sigma)
+    else:
+        r = args.sr_factor if args.task == "sr" else 1  # SR: y_obs is already on the large grid; noise scales by r
+        make = {"denoise": lambda s: cv.denoising_problem(shape, s, **kw),
+                "inpaint": lambda s: cv.inpainting_problem(missing, shape[1], s, kw["dtype"]),
+                "sr": lambda s: cv.sr_problem(shape, r, r * s, "dct", **kw)}[args.task]
+        nll = [degradation_nll(energy, y_obs, make(s), mean, observed_only=args.task != "denoise").sum().item()
+               for s in noises]
+        sigma = noises[min(range(len(noises)), key=nll.__getitem__)]
+        prob, estimates = make(sigma), dict(noise=sigma)
+    y, cov = prob.to_denoising(y_obs, mean)
+    return y, cov, estimates
+
+
+def evaluation_bytes(energy, shape, device):
+    """Memory of one evaluation (E and dE/dz) at `shape`: the tensors autograd saves, measured at the
+    network's training size (batch 1) and scaled by the number of pixels n, plus each self-attention
+    layer's (n / 4^level)^2 weights (quadratic: they dominate for images much larger than the
+    training size; the 1.3 is measured, at 256x256 for the small config)."""
+    net = getattr(energy, "net", None)
+    if net is None:
+        return 0
+    B, C, H, W = shape
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    cov = cv.isotropic(0.01, (1, C, net.img_size, net.img_size), dtype=energy_dtype(energy), device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        aebm.energy_and_scores(energy, torch.zeros_like(cov.s), cov, need_log_s=False)
+    n = H * W
+    linear = total[0] / net.img_size ** 2 * n
+    blocks = [m for m in list(net.enc) + list(net.mid) + list(net.dec) if isinstance(m, nets.ResBlock)]
+    attention = sum(1.3 * b.attn.heads * (n / 4 ** level) ** 2 * cov.s.element_size()
+                    for b, level in zip(blocks, net.levels) if b.attn is not None)
+    return B * (linear + attention)
+
+
+def free_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_memory(energy, shape, device):
+    need, free = evaluation_bytes(energy, shape, device), free_bytes(device)
+    if free is not None and need > 0.8 * free:
+        raise MemoryError(f"a {shape[-1]}x{shape[-2]} image needs about {need / 2 ** 30:.1f} GiB for one network "
+                          f"evaluation and {free / 2 ** 30:.1f} GiB are free on {device}; crop or downscale it")
+
+
+def check_args(p, args):
+    """One-line errors at parse time for impossible flags (each names its flag)."""
+    positive = [("--n", args.n), ("--samples", args.samples), ("--sr-factor", args.sr_factor),
+                ("--img-size", args.img_size), ("--eta", args.eta), ("--tau", args.tau), ("--missing-var", args.missing_var)]
+    positive += [(f, v) for f, v in (("--steps", args.steps), ("--noise", args.noise), ("--blur-std", args.blur_std),
+                                     ("--box-size", args.box_size), ("--half-rows", args.half_rows),
+                                     ("--s-end", args.s_end)) if v is not None]
+    for flag, value in positive:
+        if not (math.isfinite(value) and value > 0):
+            p.error(f"{flag} must be positive, got {value}")
+    if args.correctors < 0:
+        p.error(f"--correctors must be 0 or more, got {args.correctors}")
+    if args.eta > 1:
+        p.error(f"--eta {args.eta} is too large: a corrector step of more than 1 overshoots (default 0.15)")
+    if args.tau > 10:
+        p.error(f"--tau {args.tau} is too large: it scales the proposal noise (1 is exact, default 0.9)")
+    if not 0 < args.ratio < 1:
+        p.error(f"--ratio must be in (0, 1), got {args.ratio}")
+    if args.channels not in (1, 3):
+        p.error(f"--channels must be 1 or 3, got {args.channels}")
+    if args.task == "uncond" and (args.blind or args.input or args.observed):
+        p.error("--task uncond generates images: it takes no --blind, --input or --observed")
+    if args.input and args.observed:
+        p.error("pass either --input (a clean image to degrade) or --observed (a degraded photo), not both")
+    if args.mask_file and args.task != "inpaint":
+        p.error("--mask-file is for --task inpaint")
+    if args.observed and args.task == "sr" and args.basis == "fft":
+        p.error("--observed with --task sr upscales in the DCT basis (a photo is not periodic): drop --basis fft")
+    noise = args.noise if args.noise is not None else 0.05
+    if args.s_end is not None and args.task != "uncond" and args.s_end >= noise ** 2 and not args.observed:
+        p.error(f"--s-end {args.s_end} must be below the noise variance {noise ** 2:g} (--noise {noise})")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Restore, sample and estimate with an anisotropic energy model.")
     p.add_argument("--task", default="inpaint", choices=["denoise", "inpaint", "deblur", "sr", "uncond"], help="inverse problem")
+    p.add_argument("--input", default=None, help="your own clean image (any format pillow reads): the task degrades it")
+    p.add_argument("--observed", default=None,
+                   help="your own degraded photo: restored as it is; unset --noise / --blur-std are estimated blindly")
+    p.add_argument("--mask-file", default=None, help="inpainting mask image, white = missing, the image's size")
     p.add_argument("--mask", default="box", choices=["box", "half", "random"], help="inpainting mask")
     p.add_argument("--box-size", type=int, default=None, help="box side in pixels (default: half the image)")
     p.add_argument("--half-rows", type=int, default=None, help="rows hidden by the half mask (default: half)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of missing pixels for the random mask")
     p.add_argument("--missing-var", type=float, default=cv.S_HUGE, help="variance of the missing pixels of y~ (M2: s_huge)")
-    p.add_argument("--blur-std", type=float, default=1.5, help="Gaussian blur std in pixels")
+    p.add_argument("--blur-std", type=float, default=None, help="Gaussian blur std in pixels (default 1.5; --observed: estimated)")
     p.add_argument("--sr-factor", type=int, default=2, help="super-resolution factor")
-    p.add_argument("--noise", type=float, default=0.05, help="measurement noise std sigma_n (images in [0, 1])")
+    p.add_argument("--noise", type=float, default=None,
+                   help="measurement noise std sigma_n, images in [0, 1] (default 0.05; --observed: estimated)")
     p.add_argument("--basis", default=None, choices=["fft", "dct"], help="spectral basis of deblur/sr (default: the checkpoint's)")
     p.add_argument("--sampler", default="ula", choices=["mean", "ula", "mala", "adaptive"],
                    help="mean: Tweedie in one shot; ula/mala: reverse diffusion with that corrector; adaptive: M13 schedule + ULA")
     p.add_argument("--steps", type=int, default=None,
-                   help="noise levels of the reverse diffusion (default: 600 on CUDA as in METHOD.md, 150 on CPU)")
+                   help="noise levels of the reverse diffusion (default: 600 on CUDA as in the paper, 150 on CPU)")
     p.add_argument("--correctors", type=int, default=1, help="corrector steps per level")
     p.add_argument("--eta", type=float, default=0.15, help="corrector step size")
     p.add_argument("--tau", type=float, default=0.9, help="corrector temperature (proposal noise scale)")
-    p.add_argument("--s-end", type=float, default=1e-4, help="final variance of the reverse diffusion")
+    p.add_argument("--s-end", type=float, default=None,
+                   help="final variance of the reverse diffusion (default: 1e-4, or a tenth of the noise variance if lower)")
     p.add_argument("--samples", type=int, default=1, help="posterior samples per image")
     p.add_argument("--blind", action="store_true", help="estimate the degradation first (inpaint: box x noise; deblur: blur x noise)")
     p.add_argument("--n", type=int, default=4, help="number of test images")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--out", default="runs/sample", help="output directory (grid PNG, metrics JSON)")
+    p.add_argument("--out", default="runs/sample", help="output directory (PNGs, metrics JSON)")
     p.add_argument("--ckpt", default="runs/quick/ckpt.pt", help="checkpoint from train.py")
     p.add_argument("--prior", default="model", choices=["model", "exact"],
                    help="exact: the exact GaussianEnergy of the built-in gaussian dataset (no training needed)")
@@ -483,15 +608,23 @@ def parse_args(argv=None):
                    help="1: on CUDA, the samplers replay each evaluation as a captured CUDA graph")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="precision of inference (the weights are cast to it); float64 is the reference (README, Precision)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    if not args.observed:  # with --observed, unset degradation parameters are estimated instead
+        args.noise = 0.05 if args.noise is None else args.noise
+        args.blur_std = 1.5 if args.blur_std is None else args.blur_std
+    if args.s_end is None:  # below the noise, so that observed coordinates are sampled too
+        args.s_end = 1e-4 if args.noise is None else min(1e-4, 0.1 * args.noise ** 2)
+    return args
 
 
-def load_prior(args, device):
-    """(energy, config, test dataset): the checkpoint's EMA model, or the exact Gaussian prior."""
+def load_prior(args, device, image_size=None):
+    """(energy, config, test dataset or None): the checkpoint's EMA model, or the exact Gaussian prior
+    (of a field at image_size (H, W) when restoring a file, else at --img-size)."""
     if args.prior == "exact":
         if args.dataset not in (None, "gaussian"):
             raise ValueError("--prior exact is the exact density of the built-in gaussian dataset; drop --dataset")
-        ds = data.load_dataset("gaussian", args.img_size, args.channels)
+        ds = data.GaussianField(image_size or args.img_size, args.channels)
         config = dict(dataset="gaussian", img_size=args.img_size, channels=args.channels, spectral_basis="fft")
         return copy.deepcopy(ds.prior).to(device), config, ds  # a copy: the dataset keeps sampling in float64
     import train  # the checkpoint format lives there
@@ -499,25 +632,136 @@ def load_prior(args, device):
         raise FileNotFoundError(f"no checkpoint at {args.ckpt}: run `python train.py` first (about 4 minutes on a "
                                 "CPU), pass --ckpt, or use --prior exact to run with the exact Gaussian prior")
     energy, config = train.load_energy(args.ckpt, device)
+    if image_size is not None:
+        return energy, config, None
     name = args.dataset or config["dataset"]
     ds = data.load_dataset(name, config["img_size"], config["channels"], args.data_dir, "test")
     return energy, config, ds
+
+
+def prepare_out(out):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {out} ({e.strerror or e}); pass a writable directory") from None
+
+
+def posterior_samples(args, energy, y, cov_y, device, generator):
+    """--samples draws of the posterior by the chosen sampler; returns (samples, acceptance rates)."""
+    if args.sampler == "mean":
+        return [], []
+    # on a GPU, (E, dE/dz) is replayed as a CUDA graph: 2.2x faster on an H100 (README, Benchmarks)
+    sampler_energy = CudaGraphEnergy(energy, cov_y.U(y), cov_y) if device.type == "cuda" and args.cuda_graph else energy
+    samples, acceptance = [], []
+    for _ in range(args.samples):
+        res = reverse_diffusion(sampler_energy, y, cov_y, levels=args.steps, s_end=args.s_end,
+                                corrector="mala" if args.sampler == "mala" else "ula", n_corrector=args.correctors,
+                                eta=args.eta, tau=args.tau,
+                                schedule="adaptive" if args.sampler == "adaptive" else "geometric", generator=generator)
+        samples.append(res.x_mean)
+        acceptance.append(res.acceptance)
+    return samples, acceptance
+
+
+def restore_file(args, device, dtype):
+    """--input (a clean image: the task degrades it, metrics against it) or --observed (a degraded photo,
+    restored as it is). The image keeps its own size: padded to what the UNet takes (half-sample-
+    symmetric reflection, the DCT's boundary) and cropped back; the outputs are PNGs at that size."""
+    observed = args.observed is not None
+    path = args.observed or args.input
+    channels = args.channels
+    if args.prior == "model":
+        import train
+        if not os.path.exists(args.ckpt):
+            raise FileNotFoundError(f"no checkpoint at {args.ckpt}: run `python train.py` first, or pass --prior exact")
+        channels = train.load_checkpoint(args.ckpt)["config"]["channels"]
+    img = data.read_image(path, channels).to(device, torch.float64)  # (1, C, h, w)
+    h, w = img.shape[-2:]
+    r = args.sr_factor if args.task == "sr" else 1
+    factor = 4 if args.prior == "model" else 1  # the UNet's 2^(levels - 1), read below
+    if args.prior == "model":
+        factor = train.load_energy(args.ckpt, "cpu")[0].net.factor
+    if observed and args.task == "sr":  # a small image: the output is r times larger
+        small = data.pad_symmetric(img, factor)
+        y_obs = upscale_grid(small, r)
+        out_h, out_w = r * h, r * w
+    else:
+        x = data.pad_symmetric(img, math.lcm(factor, r))
+        out_h, out_w = h, w
+    size = (y_obs if observed and args.task == "sr" else x).shape[-2:]
+    energy, config, _ = load_prior(args, device, image_size=tuple(size))
+    energy = energy.to(dtype)
+    args.basis = args.basis or ("dct" if args.prior == "model" else "fft")
+    if observed and args.task == "sr":
+        args.basis = "dct"
+    check_memory(energy, (1, channels, *size), device)
+    g = torch.Generator(device).manual_seed(args.seed)
+    mean = energy_mean(energy)
+    report = {"task": args.task, "sampler": args.sampler, "prior": args.prior, "dtype": args.dtype,
+              "mode": "observed" if observed else "input", "file": path, "size": [out_w, out_h]}
+    t0 = time.time()
+    if observed:
+        if args.task != "sr":
+            y_obs = x
+        missing = None
+        if args.task == "inpaint":
+            if args.mask_file:
+                missing = data.pad_symmetric(data.read_mask(args.mask_file, h, w).float(), factor).to(device) > 0.5
+            else:
+                missing = build_task(args, (1, 1, h, w), device, dtype)
+                missing = data.pad_symmetric(missing.float(), factor) > 0.5
+        y, cov_y, estimates = observed_problem(args, energy, y_obs, missing)
+        report["estimates"] = estimates
+        print(f"estimated degradation: {estimates}")
+    else:
+        y, cov_y, y_obs, _ = observe(args, x, mean, g)
+    y, y_obs, cov_y = y.to(dtype), y_obs.to(dtype), cv.Covariance(cov_y.s.to(dtype), cov_y.basis)
+    crop = lambda t: t[..., :out_h, :out_w]
+    x_hat = aebm.posterior_mean(energy, y, cov_y)
+    samples, acceptance = posterior_samples(args, energy, y, cov_y, device, g)
+    report["seconds"] = time.time() - t0
+    if acceptance:
+        report["acceptance"] = acceptance
+    stem = os.path.join(args.out, f"{os.path.splitext(os.path.basename(path))[0]}_{args.task}")
+    report["outputs"] = [data.save_image(stem + "_restored.png", crop(x_hat)[0])]
+    report["outputs"] += [data.save_image(stem + f"_sample{i}.png", crop(s)[0]) for i, s in enumerate(samples)]
+    if not observed:
+        report["outputs"].append(data.save_image(stem + "_observation.png", crop(y_obs)[0]))
+        truth = crop(x).to(dtype)
+        report["psnr_observation"] = psnr(crop(y_obs), truth).item()
+        report["psnr_mean"], report["ssim_mean"] = psnr(crop(x_hat), truth).item(), ssim(crop(x_hat), truth).item()
+        if samples:
+            report["psnr_samples"] = torch.stack([psnr(crop(s), truth) for s in samples]).mean().item()
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    for k, v in report.items():
+        print(f"{k:18s} {v if not isinstance(v, float) else round(v, 4)}")
+    report["x_hat"] = crop(x_hat)  # for callers (tests); not written to the JSON
+    return report
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.steps = args.steps or (600 if device.type == "cuda" else 150)
+    dtype = getattr(torch, args.dtype)
+    prepare_out(args.out)
+    if args.input or args.observed:
+        return restore_file(args, device, dtype)
     energy, config, ds = load_prior(args, device)
     exact = args.prior == "exact"
-    dtype = getattr(torch, args.dtype)
     energy = energy.to(dtype)  # the checkpoint's weights (or the exact prior's spectrum) in the chosen dtype
     args.basis = args.basis or config.get("spectral_basis", "dct")
     prior_basis = "fft" if exact else "pixel"  # isotropic, so any basis; fft is the exact prior's fast path
     g = torch.Generator(device).manual_seed(args.seed)
     x = ds.get_batch(args.n, torch.Generator().manual_seed(10_000 + args.seed)).to(device, dtype)
     shape, d = x.shape, x[0].numel()
-    os.makedirs(args.out, exist_ok=True)
     report, t0 = {"task": args.task, "sampler": args.sampler, "prior": args.prior, "dtype": args.dtype}, time.time()
     mean = energy_mean(energy)
 
@@ -538,7 +782,7 @@ def main(argv=None):
                 true = (args.box_size if args.box_size is not None else H // 2, args.noise)
                 names, axes = ("box size", "noise"), (sizes, noises)
             elif args.task == "deblur":
-                stds, noises = [0.5, 1.0, 1.5, 2.0, 3.0], [0.01, 0.02, 0.05, 0.1, 0.2]
+                stds, noises = BLUR_STDS, [0.01, 0.02, 0.05, 0.1, 0.2]
                 grid, est_a, est_noise = blind_deblur(energy, y_obs, stds, noises, args.basis, mean)
                 true, names, axes = (args.blur_std, args.noise), ("blur std", "noise"), (stds, noises)
             else:
@@ -563,17 +807,9 @@ def main(argv=None):
                 args.blur_std = float(estimates[0][0])
                 y, cov_y = build_task(args, shape, device, dtype).to_denoising(y_obs, mean, g)
         x_hat = aebm.posterior_mean(energy, y, cov_y)
-        samples = []
-        if args.sampler != "mean":
-            # on a GPU, (E, dE/dz) is replayed as a CUDA graph: 2.2x faster on an H100 (README, Benchmarks)
-            sampler_energy = CudaGraphEnergy(energy, cov_y.U(y), cov_y) if device.type == "cuda" and args.cuda_graph else energy
-            for _ in range(args.samples):
-                res = reverse_diffusion(sampler_energy, y, cov_y, levels=args.steps, s_end=args.s_end,
-                                        corrector="mala" if args.sampler == "mala" else "ula", n_corrector=args.correctors,
-                                        eta=args.eta, tau=args.tau,
-                                        schedule="adaptive" if args.sampler == "adaptive" else "geometric", generator=g)
-                samples.append(res.x_mean)
-                report.setdefault("acceptance", []).append(res.acceptance)
+        samples, acceptance = posterior_samples(args, energy, y, cov_y, device, g)
+        if acceptance:
+            report["acceptance"] = acceptance
         rows = [x, y_obs, x_hat] + samples
         report["psnr_observation"] = psnr(y_obs, x).mean().item()  # the baseline any restoration must beat
         report["psnr_mean"], report["ssim_mean"] = psnr(x_hat, x).mean().item(), ssim(x_hat, x).mean().item()
@@ -604,5 +840,13 @@ def main(argv=None):
     return report
 
 
+def cli():
+    """`python sample.py ...`: errors of the user's making as one line, not a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, MemoryError) as e:
+        sys.exit(f"sample.py: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,5 +1,5 @@
 """
-Training: dual score matching (METHOD.md §4, §6) in one plain loop.
+Training: dual score matching (docs/method.md §4, §6) in one plain loop.
 
     python train.py                                        # small UNet on dead leaves, CPU, ~4 min
     python train.py --dataset gaussian                     # ground truth known: see README, Validation
@@ -7,7 +7,7 @@ Training: dual score matching (METHOD.md §4, §6) in one plain loop.
 
 The script reads top to bottom: presets, flags, distributed set-up, data, model, optimizer,
 checkpoint/resume, the loop. Each step draws clean images x, one covariance per image
-(covariances.sample_training_covariances, METHOD.md §2.4) and noise, and minimises
+(covariances.sample_training_covariances, docs/method.md §2) and noise, and minimises
 L = L_DSM + lam L_CSM (aebm.dual_score_loss, M8); --lam 0 is single (DSM-only) score matching.
 
 Distributed: torchrun starts one process per device (NCCL on CUDA, gloo on CPU); each rank draws
@@ -323,7 +323,7 @@ def prepare_out(out):
         sys.exit(f"error: --out {out} is a file, not a directory; pass a directory for ckpt.pt and log.csv")
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write_test")
+        probe = os.path.join(out, f".write_test_{os.getpid()}")  # one per rank: they probe at once
         with open(probe, "w"):
             pass
         os.remove(probe)

@@ -1,5 +1,5 @@
 """
-Learned image energies against the exact density (METHOD.md §8, "Gaussian-field images").
+Learned image energies against the exact density (README, Validation).
 
 The built-in `gaussian` dataset is a stationary Gaussian field, so its exact energy
 (aebm.GaussianEnergy) gives the physical limits. This script trains the UNet energy twice with

@@ -1,5 +1,5 @@
 """
-The paper's synthetic normalization experiment (Appendix D.5, METHOD.md §8): a mixture of two
+The paper's synthetic normalization experiment (Appendix D.5, README, Validation): a mixture of two
 Gaussians in d dimensions, each sample noisy with a random two-group diagonal covariance, whose
 noisy density is known in closed form. A small energy model is trained with dual score matching
 and with DSM only (same seeds, same steps); only the dual one comes out normalized.
@@ -14,7 +14,7 @@ Model: E = -logsumexp_i(-a_i(s) Q_i1 - b_i(s) Q_i2 - c_i(s)), Q_ig = 1/2 |y_g - 
 (a, b, c) from a 5-layer MLP (width 256) of (log s_1, log s_2), written like M3: a Gaussian part
 exact as s -> infinity plus learned corrections that vanish there (see MixtureEnergy.forward).
 DSM sees only gradients in y, so a common shift c_i(s) + k(s) is invisible to it; the A-CSM term
-pins k(s) (METHOD.md §4), and the large-s anchor fixes the last constant.
+pins k(s) (docs/method.md §4), and the large-s anchor fixes the last constant.
 """
 
 import argparse
@@ -63,7 +63,7 @@ def true_energy(y, cov):
 
 
 class MixtureEnergy(nn.Module):
-    """E = -logsumexp_i(-a_i Q_i1 - b_i Q_i2 - c_i), (a, b, c) = MLP(log s_1, log s_2) (METHOD.md §8)."""
+    """E = -logsumexp_i(-a_i Q_i1 - b_i Q_i2 - c_i), (a, b, c) = MLP(log s_1, log s_2) (README, Validation)."""
 
     def __init__(self, width=256, depth=5):
         super().__init__()
@@ -88,7 +88,7 @@ class MixtureEnergy(nn.Module):
         # vanish there. Precisions a = exp(alpha) / (s_1 + 1/2): the MLP only learns an O(1) factor
         # (unpreconditioned, the first steps at s = 100 see a DSM residual ~100x too large and drive
         # a, b to 0 for good). The constants c_i = -log 1/2 + 1/2 sum_j log 2 pi (s_j + 1/2) + 10 w gamma_i,
-        # w = 1/2 / (s + 1/2) -> 0: gamma is exactly the part DSM cannot see (METHOD.md §4).
+        # w = 1/2 / (s + 1/2) -> 0: gamma is exactly the part DSM cannot see (docs/method.md §4).
         s = cov.s.flatten(1)
         s1, s2 = log_s1.exp().unsqueeze(1), log_s2.exp().unsqueeze(1)
         a, b = out[:, 0:2].exp() / (s1 + 0.5), out[:, 2:4].exp() / (s2 + 0.5)

@@ -1,4 +1,4 @@
-"""Claims about covariances.py, each against an independent dense reference (METHOD.md §9, 1-2)."""
+"""Claims about covariances.py, each against an independent dense reference (docs/method.md §7, 1-2)."""
 
 import math
 

@@ -151,6 +151,48 @@ def test_corrupt_files_are_named(tmp_path):
         data.load_dataset("mnist", 28, root=str(tmp_path))
 
 
+def test_truncated_empty_and_malformed_files_are_named(tmp_path):
+    write_imagenet64(tmp_path / "in64")
+    path = tmp_path / "in64" / "train_data_batch_1.npz"
+    path.write_bytes(path.read_bytes()[:200])  # truncated mid-file
+    with pytest.raises(ValueError, match="truncated ImageNet64 file .*train_data_batch_1.npz"):
+        data.load_dataset("imagenet64", 64, root=str(tmp_path / "in64"))
+    path.write_bytes(b"")  # empty
+    with pytest.raises(ValueError, match="train_data_batch_1.npz"):
+        data.load_dataset("imagenet64", 64, root=str(tmp_path / "in64"))
+    os.makedirs(tmp_path / "mnist")
+    (tmp_path / "mnist" / "train-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, 0, 28, 28))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*no images"):
+        data.load_dataset("mnist", 28, root=str(tmp_path / "mnist"))
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    write_images(folder, 2, ext="jpg")
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text("0000.jpg 0\n0001.jpg\n")
+    with pytest.raises(ValueError, match="malformed line 2 of .*list_eval_partition.txt"):
+        data.load_dataset("celeba", 32, root=str(tmp_path / "celeba"))
+
+
+class RunsCode:
+    """A pickle that calls a function when read (here: it would create a file)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_malicious_cifar_batch_runs_no_code(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    os.makedirs(base)
+    target = tmp_path / "pwned"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({b"data": RunsCode(str(target)), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match="unsafe CIFAR-10 batch .*data_batch_1.*refusing to load"):
+        data.load_dataset("cifar10", 32, root=str(tmp_path))
+    assert not target.exists()
+
+
 def test_unknown_dataset_and_missing_data_dir_are_clear():
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load_dataset("imagenet1k", 32)

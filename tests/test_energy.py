@@ -1,5 +1,5 @@
 """Claims about aebm.py's core: the exact Gaussian energy, one-call scores, the dual-score losses,
-Tweedie, and the M3 parametrization (METHOD.md §9, 3-6). References are dense matrices built in
+Tweedie, and the M3 parametrization (docs/method.md §7, 3-6). References are dense matrices built in
 tests/dense.py, torch.distributions, and finite differences."""
 
 import math
@@ -259,9 +259,9 @@ class RandomUNetLike(torch.nn.Module):
 
 
 def tweedie_error_at_missing_pixels(model, shrink_input):
-    """Posterior-mean error at missing pixels (s = 1e8) for a random network, with METHOD.md's network
+    """Posterior-mean error at missing pixels (s = 1e8) for a random network, with the plain network
     input y~ (shrink_input=False) or the Wiener-shrunk sqrt(w) y~ that EnergyModel uses."""
-    if not shrink_input:  # METHOD.md's M3: the network sees y~ itself
+    if not shrink_input:  # M3 with the plain input: the network sees y~ itself
         net = model.net
         class Unshrunk(torch.nn.Module):
             def forward(self, x_in, cov):
@@ -279,7 +279,7 @@ def tweedie_error_at_missing_pixels(model, shrink_input):
 def test_wiener_shrunk_network_input_keeps_tweedie_bounded_where_nothing_is_observed():
     """Why EnergyModel feeds the network sqrt(w) y~ (README, Deviations): at a missing pixel the true
     posterior mean is ~ mu; a random network gives an O(1) error with the shrunk input and an
-    error ~ sqrt(s_huge) = 1e4 times its sensitivity with METHOD.md's y~."""
+    error ~ sqrt(s_huge) = 1e4 times its sensitivity with the plain input y~."""
     model = aebm.EnergyModel(RandomUNetLike(C * H * W), mean=0.5, data_var=0.1)
     assert tweedie_error_at_missing_pixels(model, shrink_input=True) < 1.0
     assert tweedie_error_at_missing_pixels(model, shrink_input=False) > 100.0

@@ -120,7 +120,7 @@ def test_energy_is_finite_over_the_whole_range_and_tends_to_the_gaussian_limit(b
         assert torch.isfinite(E).all() and torch.isfinite(score_z).all() and torch.isfinite(score_log_s).all()
         gaps[s] = (E - aebm.gaussian_limit_energy(y, cov, model.mean, model.data_var)).abs().max().item()
     assert gaps[1e-3] > 1e-2  # the learned term matters at low noise
-    assert gaps[1e4] < 0.1 and gaps[1e6] < 1e-3 and gaps[1e4] > 30 * gaps[1e6]  # O(1/s), METHOD.md §3
+    assert gaps[1e4] < 0.1 and gaps[1e6] < 1e-3 and gaps[1e4] > 30 * gaps[1e6]  # O(1/s), docs/method.md §3
     # anisotropic: masks with 1e8 on missing pixels are finite too
     if basis == "pixel":
         cov = cv.mask_covariance(cv.box_mask((2, 1, 8, 8), 4), cv.S_HUGE, 1e-6, 1, dtype=torch.float64)

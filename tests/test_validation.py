@@ -1,4 +1,4 @@
-"""The validation experiments of METHOD.md §8 at CI scale (marked slow): dual score matching yields
+"""The validation experiments of README, Validation at CI scale (marked slow): dual score matching yields
 a normalized energy, DSM alone does not (the paper's Appendix D.5 toy), and learned image models
 are compared with the exact density of the built-in Gaussian field. Figures in the README come
 from the documented commands (longer runs); these tests assert conservative versions."""
