@@ -64,12 +64,16 @@ def sum_coords(terms):
 # The learned energy (M3).
 
 class EnergyModel(nn.Module):
-    """E_theta(y, Sigma) = 1/2 |y~|^2 + 1/2 sum log(2 pi v) + 1/2 < y~, w * U F_theta(U^H(sqrt(w) y~), Sigma) >   (M3)
+    """E_theta(y, Sigma) = 1/2 |y~|^2 + 1/2 sum log(2 pi v) + 1/2 < y~, w * U F_theta(U^H(sqrt(w) y~), Sigma) >
+                           + sum_k w_k b_theta(Sigma)_k                                                   (M3)
 
     with v = sigma_d^2 + s, y~ = v^{-1/2} * U(y - mu) (whitened) and w = sigma_d^2 / v in (0, 1].
     The first two terms are the exact energy of the Gaussian prior N(mu, sigma_d^2 I); the learned
-    term vanishes like 1/s, so E_theta -> the Gaussian limit as s -> infinity for any theta
-    (docs/method.md §3), which anchors the normalization.
+    terms vanish like 1/s, so E_theta -> the Gaussian limit as s -> infinity for any theta
+    (docs/method.md §3), which anchors the normalization. The last term, per-coordinate offsets b that
+    depend on Sigma only (from the network's covariance embedding), is the learned normalizing
+    constant: without it a Sigma-dependent constant can only be written through y (as ~|y~|^2),
+    which DSM penalises, and the offset drifts with the noise level (README, Normalization).
 
     The network sees sqrt(w) y~ = sigma_d (y - mu) / v (the Wiener-shrunk input, scale <= 1, unit at
     low noise) rather than y~ itself. Reason: Tweedie (M4) multiplies dE/dy_k by s_k. With input
@@ -103,9 +107,14 @@ class EnergyModel(nn.Module):
             y_t = r * v.rsqrt()  # whitened coordinates y~
             w = self.data_var / v
             x_in = cov.Uh(math.sqrt(self.data_var) * r / v)  # U^H(sqrt(w) y~): the Wiener-shrunk network input
-        F = self.net(x_in.to(self.dtype), cov)  # (B, C, H, W); bf16 under autocast
+        if hasattr(self.net, "offset"):  # nets.UNet also gives the learned normalizing constant's offsets b
+            F, b = self.net(x_in.to(self.dtype), cov, with_offset=True)  # (B, C, H, W) each; bf16 under autocast
+        else:  # any other network F_theta(x, Sigma)
+            F, b = self.net(x_in.to(self.dtype), cov), None
         with torch.autocast(z.device.type, enabled=False):
             learned = sum_coords(0.5 * (y_t.conj() * w * cov.U(F.to(real_dtype(z)))).real)  # real part: fft is complex
+            if b is not None:  # sum_k w_k b_k(Sigma): y-independent, vanishing like 1/s (the anchor stays exact)
+                learned = learned + sum_coords(w * b.to(real_dtype(z)))
             if part == "learned":
                 return learned
             # 1/2 sum log(2 pi v) from s in float64 (it is ~1e4 nats at s_huge; only differences matter)
@@ -148,7 +157,7 @@ def energy_and_scores(energy, z, cov, create_graph=False, need_log_s=True, part=
     With create_graph=True the scores stay differentiable in the parameters (training differentiates
     them again). need_log_s=False skips the covariance score (single score matching, and samplers
     that need only dE/dz). part="learned" differentiates M3's learned term alone (EnergyModel).
-    An energy may bring its own version of this function (sample.CudaGraphEnergy replays a captured
+    An energy may bring its own version of this function (CudaGraphEnergy below replays a captured
     CUDA graph of it); it is used for the plain call (no create_graph, the whole energy).
     """
     if hasattr(energy, "energy_and_scores") and not create_graph and part == "all":
@@ -184,12 +193,61 @@ def posterior_mean(energy, y, cov):
 
 
 # -----------------------------------------------------------------------------
+# Sampling on a GPU: one evaluation as a replayed CUDA graph.
+
+class CudaGraphEnergy:
+    """An energy whose (E, dE/dz) for one fixed shape and basis is a CUDA graph, captured once and
+    replayed at every evaluation: a UNet evaluation is ~2500 small kernel launches, so on a GPU at
+    sampling batch sizes the launches, not the arithmetic, set the pace (README, Benchmarks). The
+    samplers use it through energy_and_scores; everything else (mean, energy values) is the
+    wrapped energy's. Inputs are copied into static buffers, outputs cloned out of them."""
+
+    def __init__(self, energy, z, cov, bf16=False, warmup=3):
+        self.energy, self.mean, self.basis, self.bf16 = energy, getattr(energy, "mean", 0.5), cov.basis, bf16
+        self.z, self.s = z.detach().clone(), cov.s.detach().clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream (cuDNN plans, cached DCT matrices)
+            for _ in range(warmup):
+                self.run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.run()
+
+    def run(self):
+        # autocast's weight-cast cache must be off while capturing (its casts would not be replayed)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            return energy_and_scores(self.energy, self.z, Covariance(self.s, self.basis, check=False),
+                                          need_log_s=False)
+
+    def __call__(self, y, cov):
+        return self.energy(y, cov)
+
+    def energy_and_scores(self, z, cov, need_log_s=False):
+        if need_log_s or z.shape != self.z.shape or cov.basis != self.basis:
+            return energy_and_scores(self.energy, z, cov, need_log_s=need_log_s)
+        self.z.copy_(z)
+        self.s.copy_(cov.s)
+        self.graph.replay()
+        E, score_z, _ = self.out
+        return E.clone(), score_z.clone(), None
+
+
+# -----------------------------------------------------------------------------
 # Dual score matching (docs/method.md §4).
 
-def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None):
+def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, dsm_weight=None):
     """Per-image A-DSM and A-CSM losses for clean images x (B, C, H, W) under covariances cov.
     y = x + U^H(sqrt(s) zeta), zeta drawn here unless given (basis coordinates of white noise, as
-    cov.sample returns them); returns (L_dsm, L_csm), each (B,) (L_csm is None if not need_csm)."""
+    cov.sample returns them); returns (L_dsm, L_csm), each (B,) (L_csm is None if not need_csm).
+
+    dsm_weight: None (M5 as written) or sigma_d^2, which weights coordinate k of A-DSM by
+    (s_k + sigma_d^2) / sigma_d^2 (EDM's loss weighting, per coordinate). M5 weighs the squared error of
+    x^_k by 1/s_k, so where a pixel is missing (s = 1e3 in training) an error of 0.3 costs 1e-4 and the
+    network never learns to fill the hole; weighted, it costs ~1 there as everywhere else. Any weight
+    that does not depend on y keeps the minimiser, x^_k = E[x_k | y] (tests/test_energy.py checks the
+    exact energy still minimises the weighted loss)."""
     if zeta is None:
         zeta = white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
     # z = U y formed in the basis, never as pixels: a dropped frequency (s = 1e8) would put values
@@ -198,7 +256,8 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None):
     _, score_z, score_log_s = energy_and_scores(energy, z, cov, create_graph=True, need_log_s=need_csm)
     d = x[0].numel()
     # (M5) A-DSM: (1/d) |sqrt(s) * U dE/dy - zeta|^2 = (1/d) |Sigma^{-1/2}(x^ - x)|^2
-    L_dsm = (cov.s.sqrt() * score_z - zeta).abs().square().flatten(1).sum(1) / d
+    weight = 1.0 if dsm_weight is None else (cov.s + dsm_weight) / dsm_weight
+    L_dsm = (weight * (cov.s.sqrt() * score_z - zeta).abs().square()).flatten(1).sum(1) / d
     if not need_csm:
         return L_dsm, None
     # (M6, M7) A-CSM: dE/dlog s_k should regress the target 1/2 (1 - |zeta_k|^2)
@@ -207,18 +266,20 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None):
     return L_dsm, L_csm
 
 
-def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None):
+def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, dsm_weight=None):
     """L = L_DSM + lam L_CSM averaged over the batch (M8); lam = 0 is single (DSM-only) score matching.
     cov_groups: a Covariance for the whole batch, or the list of (slice, Covariance) groups that
     covariances.sample_training_covariances returns; zetas: optional noise per group (tests use it
-    to feed identical noise to different runs). Returns (L, L_dsm mean, L_csm mean), the two parts
-    detached for logging (L_csm is NaN when lam = 0: single score matching never computes it)."""
+    to feed identical noise to different runs); dsm_weight: see dual_score_losses. Returns (L, L_dsm
+    mean, L_csm mean), the two parts detached for logging (L_csm is NaN when lam = 0: single score
+    matching never computes it)."""
     if isinstance(cov_groups, Covariance):
         cov_groups = [(slice(0, x.shape[0]), cov_groups)]
     dsm, csm = [], []
     for i, (idx, cov) in enumerate(cov_groups):
         zeta = zetas[i] if zetas is not None else None
-        L_dsm, L_csm = dual_score_losses(energy, x[idx], cov, generator, need_csm=lam != 0, zeta=zeta)
+        L_dsm, L_csm = dual_score_losses(energy, x[idx], cov, generator, need_csm=lam != 0, zeta=zeta,
+                                         dsm_weight=dsm_weight)
         dsm.append(L_dsm)
         csm.append(L_csm if L_csm is not None else torch.full_like(L_dsm, float("nan")))
     L_dsm, L_csm = torch.cat(dsm).mean(), torch.cat(csm).mean()
@@ -387,3 +448,18 @@ class GaussianEnergy(nn.Module):
             raise ValueError("sampling is implemented for diagonal priors (a Covariance), not dense matrices")
         noise, _ = Covariance(self.c.expand(n, *self.image_shape), self.basis).sample(generator)
         return self.mean + noise
+
+
+def fit_gaussian(x, basis, min_images=16):
+    """The classical baseline: a Gaussian prior fitted to training images x (N, C, H, W) — per-channel
+    mean, and per-coefficient variances in `basis` (in fft: the power spectrum of a stationary field;
+    in dct: the same for half-sample-symmetric images). Its posterior mean is the Wiener filter."""
+    if x.shape[0] < min_images:
+        raise ValueError(f"a fitted Gaussian prior needs at least {min_images} training images to estimate "
+                         f"{x[0].numel()} variances, got {x.shape[0]}")
+    x = x.double()
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)[0].expand(x.shape[1:]).clone()  # (C, H, W), constant per channel
+    c = to_basis(x - mean, basis).abs().square().mean(0, keepdim=True)  # (1, C, H, W)
+    if basis == "fft":
+        c = 0.5 * (c + reflect_freq(c))  # exactly symmetric, so that C is real
+    return GaussianEnergy(mean, Covariance(c.clamp_min(1e-12), basis))

@@ -227,7 +227,7 @@ def entry_point(device, steps, resume_steps, extra, batch):
 
 def sampling_times(energy, n, size, levels, device, bf16, graph=False):
     """Seconds of a ULA and a MALA run (16 deblurring images in the suite). graph: replay (E, dE/dz) as a
-    CUDA graph (sample.CudaGraphEnergy; sample.py does this on CUDA)."""
+    CUDA graph (aebm.CudaGraphEnergy; sample.py does this on CUDA)."""
     import sample
 
     energy.net.eval()
@@ -235,7 +235,7 @@ def sampling_times(energy, n, size, levels, device, bf16, graph=False):
     x = data.DeadLeaves(size, 3).get_batch(n, torch.Generator().manual_seed(0)).to(device)
     prob = cv.blur_problem(shape, 1.5, 0.02, "dct", device=device)
     y, cov = prob.to_denoising(prob.measure(x), mean=energy.mean)
-    e = sample.CudaGraphEnergy(energy, cov.U(y), cov, bf16=bf16) if graph else energy
+    e = aebm.CudaGraphEnergy(energy, cov.U(y), cov, bf16=bf16) if graph else energy
     out = {}
     for corrector in ("ula", "mala"):
         sync(device)
@@ -246,7 +246,7 @@ def sampling_times(energy, n, size, levels, device, bf16, graph=False):
         sync(device)
         out[corrector] = time.perf_counter() - t0
         out[corrector + "_acceptance"] = res.acceptance
-        out[corrector + "_psnr"] = sample.psnr(res.x_mean.float(), x).mean().item()
+        out[corrector + "_psnr"] = data.psnr(res.x_mean.float(), x).mean().item()
     return out
 
 
@@ -294,8 +294,8 @@ def precision(energy, size, n, device, low=None, ref=None, tasks=None):
         mu = cov.U(torch.full_like(y, energy.mean))
         learned = (x_ref - cov.Uh(mu + w * (cov.U(y) - mu))).abs().max().item()  # size of the learned correction
         out["tasks"][name] = dict(max_diff=(x_low - x_ref).abs().max().item(), learned=learned,
-                                  psnr_fp32=sample.psnr(x_ref, x.float().to(device)).mean().item(),
-                                  psnr_bf16=sample.psnr(x_low, x.float().to(device)).mean().item())
+                                  psnr_fp32=data.psnr(x_ref, x.float().to(device)).mean().item(),
+                                  psnr_bf16=data.psnr(x_low, x.float().to(device)).mean().item())
     # blind inpainting candidates: E(y, Sigma_k) - min_k, fp32 vs bf16
     xd = x.float().to(device)
     y, cov, _ = observation(x, ["--task", "inpaint", "--box-size", str(size // 2)], 0.05, energy.mean)
@@ -444,7 +444,7 @@ def eval_times(energy, n, size, device, variants, evals=20):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 eager = aebm.energy_and_scores(e, z, cov, need_log_s=False)
             if graph:
-                e = sample.CudaGraphEnergy(e, z, cov, bf16=bf16)
+                e = aebm.CudaGraphEnergy(e, z, cov, bf16=bf16)
                 got = aebm.energy_and_scores(e, z, cov, need_log_s=False)
                 diff = (got[1] - eager[1]).abs().max().item() / eager[1].abs().max().item()
             else:
@@ -501,7 +501,7 @@ def run_speed_suite(args):
             try:
                 g = r["energy"] if name.endswith("graph") else energy
                 if name.endswith("graph"):  # a graph for this observation's shapes: the same as the probe's
-                    g = sample.CudaGraphEnergy(energy, cov.U(y), cov, bf16=name.startswith("bf16"))
+                    g = aebm.CudaGraphEnergy(energy, cov.U(y), cov, bf16=name.startswith("bf16"))
                 sync(device)
                 t0 = time.perf_counter()
                 res_s = sample.reverse_diffusion(g, y, cov, levels=sz["levels"], corrector=corrector,

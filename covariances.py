@@ -350,6 +350,16 @@ class Degradation:
         return torch.where(self.informative, z / a_safe, mu), self.covariance()
 
 
+def upscale_grid(small, r):
+    """A small image l (B, C, h, w) as the measurement of super-resolution by r on the (rh, rw) grid, in
+    the DCT basis: the kept coefficients of the large image are r times the small image's DCT
+    (DCT-domain down-sampling, docs/method.md §2); the dropped ones are not measured (zero here)."""
+    B, C, h, w = small.shape
+    z = torch.zeros(B, C, r * h, r * w, dtype=small.dtype, device=small.device)
+    z[..., :h, :w] = r * to_basis(small, "dct")
+    return from_basis(z, "dct")
+
+
 def denoising_problem(shape, sigma_n, dtype=None, device="cpu"):
     """Plain denoising: A = I."""
     ones = torch.ones(check_image_shape(shape), dtype=dtype or torch.get_default_dtype(), device=device)

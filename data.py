@@ -384,6 +384,34 @@ def pad_symmetric(x, multiple):
     return x
 
 
+# -----------------------------------------------------------------------------
+# Image metrics.
+
+def psnr(x, ref):
+    mse = (x - ref).square().flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-20))
+
+
+def gaussian_window(size=11, sigma=1.5, dtype=torch.float32, device="cpu"):
+    t = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(x, ref, size=11, sigma=1.5):
+    """Mean SSIM (Wang et al. 2004) per image, Gaussian window 11 / 1.5, data range 1, valid region."""
+    C = x.shape[1]
+    size = min(size, x.shape[-1], x.shape[-2])
+    w = gaussian_window(size, sigma, x.dtype, x.device).expand(C, 1, size, size)
+    filt = lambda z: F.conv2d(z, w, groups=C)
+    mx, my = filt(x), filt(ref)
+    sxx, syy, sxy = filt(x * x) - mx ** 2, filt(ref * ref) - my ** 2, filt(x * ref) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
 def nice_ticks(lo, hi, n=5):
     """About n round tick values covering [lo, hi]."""
     if hi <= lo:
@@ -395,7 +423,14 @@ def nice_ticks(lo, hi, n=5):
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def save_line_plot(path, curves, title="", xlabel="", ylabel="", size=(640, 420)):
+def save_scatter_plot(path, groups, title="", xlabel="", ylabel="", size=(640, 460)):
+    """A scatter plot drawn with pillow: groups is a list of (label, xs, ys, marker) with marker "o"
+    (dots) or "x" (crosses, e.g. the truth); returns the path."""
+    curves = [(label, xs, ys) for label, xs, ys, _ in groups]
+    return save_line_plot(path, curves, title, xlabel, ylabel, size, markers=[m for *_, m in groups])
+
+
+def save_line_plot(path, curves, title="", xlabel="", ylabel="", size=(640, 420), markers=None):
     """A line plot drawn with pillow: axes, ticks, labels and a legend. curves: list of
     (label, xs, ys) with plain float sequences; markers at the data points. Returns the path."""
     from PIL import ImageDraw, ImageFont
@@ -427,10 +462,15 @@ def save_line_plot(path, curves, title="", xlabel="", ylabel="", size=(640, 420)
     for i, (label, xs, ys) in enumerate(curves):
         c = colours[i % len(colours)]
         pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
-        if len(pts) > 1:
+        marker = markers[i] if markers else None
+        if len(pts) > 1 and marker is None:  # a curve; with markers, points only (a scatter plot)
             draw.line(pts, fill=c, width=2)
         for x, y in pts:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+            if marker == "x":
+                draw.line([x - 5, y - 5, x + 5, y + 5], fill=c, width=2)
+                draw.line([x - 5, y + 5, x + 5, y - 5], fill=c, width=2)
+            else:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
         ly = top + 8 + 16 * i  # legend, top right
         draw.line([W - right - 150, ly + 6, W - right - 130, ly + 6], fill=c, width=3)
         draw.text((W - right - 125, ly), label, fill="black", font=font)

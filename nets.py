@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import covariances as cv
 from covariances import S_MAX, S_MIN
 
 # Presets are plain dicts (docs/method.md §3). `paper64` is the paper's 64x64 network; `small` is the
@@ -210,13 +211,22 @@ class UNet(nn.Module):
         self.split = [[b.out_ch for b, l in zip(blocks_in_order, self.levels) if l == level] for level in range(len(mults))]
         self.gain_spatial = nn.ModuleList(nn.Conv2d(emb_hidden, w, 1) for w in width)
         self.gain_spectral = nn.ModuleList(nn.Conv2d(emb_hidden, w, 1, bias=False) for w in width)  # zero for sigma^2 I
+        # The learned normalizing constant (README, Normalization): a per-coordinate function of the
+        # covariance alone, added to M3 as sum_k w_k b_k(Sigma). DSM cannot see it; A-CSM pins it. M3's
+        # other terms can express a Sigma-dependent constant only through y (as |y~|^2), which DSM
+        # penalises. Zero-initialised: a new model still starts at the Gaussian energy.
+        self.offset = zero_init(nn.Conv2d(emb_hidden, in_channels, 1))
+        self.offset_spectral = nn.Conv2d(emb_hidden, in_channels, 1, bias=False)
+        nn.init.zeros_(self.offset_spectral.weight)
 
     def embed(self, cov):
-        """The two embeddings: spatial (B, hidden, H, W) for pixel-basis Sigma, or (B, hidden, 1, 1) with the
-        spectral correction (B, hidden, 1, 1) for fft/dct Sigma (None for pixel)."""
+        """The embeddings: spatial (B, hidden, H, W) for pixel-basis Sigma, or (B, hidden, 1, 1) with the
+        spectral correction (B, hidden, 1, 1) for fft/dct Sigma (None for pixel); and the per-coordinate
+        offsets b (B, C, H, W) of the learned normalizing constant, in cov's coordinates."""
         log_s = cov.log_s.to(self.conv_in.weight.dtype)
         if cov.basis == "pixel":
-            return self.spatial(sinusoidal(log_s)), None  # (B, emb, H, W)
+            spatial = self.spatial(sinusoidal(log_s))  # (B, hidden, H, W)
+            return spatial, None, self.offset(spatial)
         if cov.basis == "fft":
             log_s = torch.fft.fftshift(log_s, dim=(-2, -1))  # low frequencies in the middle of the map
         mean = log_s.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1): the isotropic part
@@ -225,11 +235,13 @@ class UNet(nn.Module):
         aniso = self.spectral(torch.cat([sinusoidal(log_s), coords], 1))  # (B, hidden, H, W)
         # gated by each frequency's log-variance above or below the mean: exactly zero for isotropic Sigma
         deviation = (log_s - mean).mean(1, keepdim=True) / SPECTRAL_SCALE  # (B, 1, H, W)
-        return iso, (aniso * deviation).mean(dim=(-2, -1), keepdim=True)
+        offset = self.offset(iso) + self.offset_spectral(aniso) * deviation  # (B, C, H, W), isotropic part + gated
+        if cov.basis == "fft":
+            offset = torch.fft.ifftshift(offset, dim=(-2, -1))  # back to the coordinates' layout
+        return iso, (aniso * deviation).mean(dim=(-2, -1), keepdim=True), offset.expand(cov.log_s.shape)
 
-    def gains(self, cov):
-        """The gains of every ResBlock, in the order of the blocks."""
-        spatial, spectral = self.embed(cov)
+    def gains(self, spatial, spectral):
+        """The gains of every ResBlock, in the order of the blocks, from the embeddings."""
         per_level = []
         for level, (conv_sp, conv_spec) in enumerate(zip(self.gain_spatial, self.gain_spectral)):
             e = F.avg_pool2d(spatial, 2 ** level) if level > 0 and spatial.shape[-1] > 1 else spatial
@@ -239,12 +251,13 @@ class UNet(nn.Module):
             per_level.append(list(torch.split(g, self.split[level], dim=1)))
         return [per_level[level].pop(0) for level in self.levels]
 
-    def forward(self, x, cov):
+    def forward(self, x, cov, with_offset=False):
         H, W = x.shape[-2:]
         if x.shape[1] != self.in_channels or H % self.factor or W % self.factor:
             raise ValueError(f"UNet takes ({self.in_channels}, H, W) images with H, W divisible by {self.factor}, "
                              f"got {tuple(x.shape[1:])}")
-        gains = iter(self.gains(cov))
+        spatial, spectral, offset = self.embed(cov)
+        gains = iter(self.gains(spatial, spectral))
         h = self.conv_in(x)
         skips = [h]
         for layer in self.enc:
@@ -257,7 +270,7 @@ class UNet(nn.Module):
                 h = layer(torch.cat([h, skips.pop()], dim=1), next(gains))
             else:
                 h = layer(h)
-        return self.out(h)
+        return (self.out(h), offset) if with_offset else self.out(h)
 
 
 def build_unet(config, img_size, in_channels, dropout=None):
@@ -267,6 +280,54 @@ def build_unet(config, img_size, in_channels, dropout=None):
         raise ValueError(f"unknown network config {config!r}: use one of {sorted(CONFIGS)}")
     kwargs = dict(CONFIGS[config], **({} if dropout is None else {"dropout": dropout}))
     return UNet(img_size=img_size, in_channels=in_channels, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Memory of one evaluation (sample.py refuses images that would not fit).
+
+def evaluation_bytes(energy, shape, device):
+    """Memory of one evaluation (E and dE/dz) at `shape`: the tensors autograd saves, measured at the
+    network's training size (batch 1) and scaled by the number of pixels n, plus each self-attention
+    layer's (n / 4^level)^2 weights (quadratic: they dominate for images much larger than the
+    training size; the 1.3 is measured, at 256x256 for the small config)."""
+    import aebm  # the energy wraps this file's network
+
+    net = getattr(energy, "net", None)
+    if net is None:
+        return 0
+    B, C, H, W = shape
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    cov = cv.isotropic(0.01, (1, C, net.img_size, net.img_size), dtype=energy.net.conv_in.weight.dtype, device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        aebm.energy_and_scores(energy, torch.zeros_like(cov.s), cov, need_log_s=False)
+    n = H * W
+    linear = total[0] / net.img_size ** 2 * n
+    blocks = [m for m in list(net.enc) + list(net.mid) + list(net.dec) if isinstance(m, ResBlock)]
+    attention = sum(1.3 * b.attn.heads * (n / 4 ** level) ** 2 * cov.s.element_size()
+                    for b, level in zip(blocks, net.levels) if b.attn is not None)
+    return B * (linear + attention)
+
+
+def free_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_memory(energy, shape, device):
+    need, free = evaluation_bytes(energy, shape, device), free_bytes(device)
+    if free is not None and need > 0.8 * free:
+        raise MemoryError(f"a {shape[-1]}x{shape[-2]} image needs about {need / 2 ** 30:.1f} GiB for one network "
+                          f"evaluation and {free / 2 ** 30:.1f} GiB are free on {device}; crop or downscale it")
 
 
 def count_parameters(module):

@@ -45,9 +45,9 @@ import nets
 # paper's per-GPU batch, a dual step takes 597 ms with TF32 against 675 ms with bf16 (the casts cost
 # more than they save at batch 16), and TF32 keeps the energy ~15x closer to float32 (README, Benchmarks).
 PRESETS = {
-    "quick": dict(config="small", batch=8, steps=400, lr=1e-3, warmup=50, decay_every=200, ema=0.99,
+    "quick": dict(config="small", batch=8, steps=400, lr=1e-3, warmup=50, decay="cosine", decay_every=0, ema=0.99,
                   log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False),
-    "imagenet64": dict(config="paper64", batch=128, steps=400_000, lr=2e-4, warmup=1000, decay_every=100_000,
+    "imagenet64": dict(config="paper64", batch=128, steps=400_000, lr=2e-4, warmup=1000, decay="step", decay_every=100_000,
                        ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=False, tf32=True),
 }
 # Native image size and spectral basis per dataset (periodic data: fft; natural images: dct).
@@ -55,6 +55,9 @@ DATASET_DEFAULTS = {
     "deadleaves": (32, "dct"), "gaussian": (16, "fft"), "imagenet64": (64, "fft"), "cifar10": (32, "dct"),
     "mnist": (28, "dct"), "celeba": (64, "dct"), "folder": (64, "dct"),
 }
+LOG_COLUMNS = ["step", "split", "loss_dsm", "loss_csm", "lr", "grad_norm", "img_per_s", "elapsed_s"] + [
+    f"{kind}_{task}" for task in ("denoise", "inpaint", "deblur", "sr") for kind in ("psnr", "wiener", "observed")
+] + ["blind_inpaint"]
 # What a checkpoint must agree on to be resumed or sampled from with this code path.
 ARCHITECTURE_KEYS = ("dataset", "img_size", "channels", "config", "dtype")
 
@@ -70,11 +73,17 @@ def parse_args(argv=None):
                    help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
     p.add_argument("--p-iso", type=float, default=0.1, help="fraction of isotropic training covariances")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the A-CSM loss (M8); 0 = DSM-only")
+    p.add_argument("--dsm-weight", default="none", choices=["none", "edm"],
+                   help="edm: weight A-DSM's coordinates by (s + sigma_d^2)/sigma_d^2, so that missing pixels count "
+                        "(aebm.dual_score_losses); none: M5 as written")
     p.add_argument("--batch", type=int, default=None, help="global batch size, split over ranks")
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate after warm-up")
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
-    p.add_argument("--decay-every", type=int, default=None, help="halve the learning rate every this many steps")
+    p.add_argument("--decay", default=None, choices=["cosine", "step", "none"],
+                   help="after warm-up: cosine to lr/20 over --steps (quick preset), halve every --decay-every "
+                        "steps (paper preset), or constant")
+    p.add_argument("--decay-every", type=int, default=None, help="with --decay step: halve the learning rate every this many steps")
     p.add_argument("--clip", type=float, default=20.0, help="gradient-norm clip")
     p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights")
     p.add_argument("--bf16", type=int, default=None, help="1: UNet under bf16 autocast on CUDA (energy reductions stay float32)")
@@ -84,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation losses and sample grids")
     p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--val-batch", type=int, default=16, help="held-out images for validation losses and grids")
+    p.add_argument("--val-restore", type=int, default=1, choices=[0, 1],
+                   help="1: validation also scores restorations against a fitted Wiener filter and blind inpainting")
     p.add_argument("--out", default="runs/quick", help="run directory: ckpt.pt, log.csv, PNG grids")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly")
     p.add_argument("--seed", type=int, default=0, help="random seed (rank r uses seed + r)")
@@ -104,7 +115,7 @@ def parse_args(argv=None):
     if args.dropout is None:
         args.dropout = nets.CONFIGS[args.config]["dropout"]
     check_flags(p, args, [("--img-size", args.img_size, 1), ("--batch", args.batch, 1), ("--steps", args.steps, 1),
-                          ("--warmup", args.warmup, 0), ("--decay-every", args.decay_every, 1),
+                          ("--warmup", args.warmup, 0), ("--decay-every", args.decay_every, 1 if args.decay == "step" else 0),
                           ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 1),
                           ("--ckpt-every", args.ckpt_every, 1), ("--val-batch", args.val_batch, 1)])
     for flag, value, ok, what in [("--lr", args.lr, args.lr > 0, "positive"), ("--clip", args.clip, args.clip > 0, "positive"),
@@ -130,8 +141,16 @@ def check_flags(parser, args, integers):
 # Pieces of the loop.
 
 def learning_rate(step, args):
-    """Linear warm-up (none for --warmup 0), then halve every decay_every steps (docs/method.md §6)."""
-    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1)) * 0.5 ** (step // args.decay_every)
+    """Linear warm-up (none for --warmup 0), then: cosine from lr to lr/20 over the run's --steps (so a
+    longer run keeps learning: halving every 200 steps left a 1500-step run at lr/128); halving every
+    decay_every steps (the paper's 400k-step schedule); or constant (docs/method.md §5)."""
+    warm = min(1.0, (step + 1) / max(args.warmup, 1))
+    if args.decay == "cosine":
+        progress = min(1.0, max(0, step - args.warmup) / max(1, args.steps - args.warmup))
+        return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if args.decay == "step":
+        return args.lr * warm * 0.5 ** (step // args.decay_every)
+    return args.lr * warm
 
 
 def average_gradients(params, world):
@@ -169,7 +188,9 @@ def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None
     params = [p for p in energy.parameters() if p.requires_grad]
     opt.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16) and x.device.type == "cuda"):
-        L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas)
+        weight = energy.data_var if getattr(args, "dsm_weight", "none") == "edm" else None
+        L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas,
+                                               dsm_weight=weight)
     L.backward()
     average_gradients(params, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
@@ -258,7 +279,10 @@ def load_energy(path, device="cpu", use_ema=True):
     ckpt = load_checkpoint(path, device)
     energy = build_energy(ckpt["config"], device)
     try:
-        energy.net.load_state_dict(ckpt["ema" if use_ema else "model"])
+        # a checkpoint from before the learned constant lacks its zero-initialised heads: the same model
+        missing, unexpected = energy.net.load_state_dict(ckpt["ema" if use_ema else "model"], strict=False)
+        if unexpected or any(not k.startswith("offset") for k in missing):
+            raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
     except (RuntimeError, TypeError, AttributeError) as e:
         raise ValueError(f"checkpoint {path} does not fit this version's {ckpt['config']['config']!r} network "
                          f"({str(e).splitlines()[0]}); retrain it with this code") from None
@@ -266,9 +290,56 @@ def load_energy(path, device="cpu", use_ema=True):
 
 
 @torch.no_grad()
-def validate(energy, val_x, args, step, out_dir):
-    """Held-out losses with fixed noise (comparable across steps) and a grid of posterior means
-    for box inpainting: truth | observation | posterior mean."""
+def restoration_tasks(x, spectral_basis):
+    """The four restorations validation tracks (issue-free defaults of sample.py), as (name, Degradation)
+    on images x: denoising sigma 0.1, a centred half-size box with sigma 0.05, blur b = 1.5 and SR x2
+    with sigma 0.05 in the dataset's spectral basis."""
+    kw = dict(dtype=x.dtype, device=x.device)
+    missing = cv.box_mask(x.shape, x.shape[-1] // 2, device=x.device)
+    return [("denoise", cv.denoising_problem(x.shape, 0.1, **kw)),
+            ("inpaint", cv.inpainting_problem(missing, x.shape[1], 0.05, x.dtype)),
+            ("deblur", cv.blur_problem(x.shape, 1.5, 0.05, spectral_basis, **kw)),
+            ("sr", cv.sr_problem(x.shape, 2, 0.05, spectral_basis, **kw))]
+
+
+def restoration_psnr(energy, wiener, x, spectral_basis, seed=0):
+    """{task: (PSNR of the energy's posterior mean, PSNR of the Wiener filter, PSNR of the observation)}
+    on the same images and noise (dB, mean over images)."""
+    import sample
+
+    out = {}
+    for i, (name, prob) in enumerate(restoration_tasks(x, spectral_basis)):
+        y_obs = prob.measure(x, torch.Generator(x.device).manual_seed(seed + i))
+        y, cov = prob.to_denoising(y_obs, energy.mean)
+        out[name] = tuple(data.psnr(t.to(x.dtype), x).mean().item()
+                          for t in (aebm.posterior_mean(energy, y, cov), aebm.posterior_mean(wiener, y, cov), y_obs))
+    return out
+
+
+def blind_inpainting_accuracy(energy, x, seed=0):
+    """Each image on its own: the fraction of (image, true box x noise) pairs whose normalized-energy
+    argmin over the 3 x 3 candidate grid is the truth (boxes 1/4, 1/2, 3/4 of the size; noise 0.02,
+    0.05, 0.1; missing variance s_huge)."""
+    import sample
+
+    H = x.shape[-1]
+    sizes, noises = [H // 4, H // 2, 3 * H // 4], [0.02, 0.05, 0.1]
+    hits, total = 0, 0
+    for k, (b, sigma) in enumerate([(b, s) for b in sizes for s in noises]):
+        cov = cv.mask_covariance(cv.box_mask(x.shape, b, device=x.device), cv.S_HUGE, sigma ** 2, x.shape[1], x.dtype)
+        y = x + cov.sample(torch.Generator(x.device).manual_seed(seed + k))[0]
+        _, est_b, est_s = sample.blind_inpaint(energy, y, x.shape[1], sizes, noises)
+        hits += int(((est_b == b) & (est_s.float() == torch.tensor(sigma).float())).sum())
+        total += x.shape[0]
+    return hits / total
+
+
+@torch.no_grad()
+def validate(energy, val_x, args, step, out_dir, wiener=None):
+    """Held-out losses with fixed noise (comparable across steps), a grid of posterior means for box
+    inpainting (truth | observation | posterior mean), and, given the fitted Gaussian prior `wiener`,
+    what matters: restoration PSNR next to the Wiener filter's and blind inpainting accuracy.
+    Draws from no training generator (README, Training)."""
     g = torch.Generator(val_x.device).manual_seed(1234)
     groups = cv.sample_training_covariances(val_x.shape, args.spectral_basis, args.p_iso,
                                             generator=torch.Generator().manual_seed(1234),
@@ -277,13 +348,30 @@ def validate(energy, val_x, args, step, out_dir):
         _, L_dsm, L_csm = aebm.dual_score_loss(energy, val_x, groups, lam=1.0, generator=g)
     n = min(8, val_x.shape[0])
     x = val_x[:n]
-    missing = cv.box_mask(x.shape, args.img_size // 2, device=x.device)
-    prob = cv.inpainting_problem(missing, x.shape[1], 0.05, dtype=x.dtype)
+    prob = restoration_tasks(x, args.spectral_basis)[1][1]
     y_obs = prob.measure(x, torch.Generator(x.device).manual_seed(0))
-    y, cov = prob.to_denoising(y_obs, energy.mean, torch.Generator(x.device).manual_seed(1))
+    y, cov = prob.to_denoising(y_obs, energy.mean)
     x_hat = aebm.posterior_mean(energy, y, cov)
     data.save_grid(os.path.join(out_dir, f"val_{step:07d}.png"), [x, y_obs, x_hat])
-    return L_dsm.item(), L_csm.item()
+    scores = {"loss_dsm": L_dsm.item(), "loss_csm": L_csm.item()}
+    if wiener is not None:
+        for name, (model, wien, obs) in restoration_psnr(energy, wiener, val_x, args.spectral_basis).items():
+            scores[f"psnr_{name}"], scores[f"wiener_{name}"], scores[f"observed_{name}"] = model, wien, obs
+        scores["blind_inpaint"] = blind_inpainting_accuracy(energy, val_x[:4])
+    return scores
+
+
+def draw_curves(log_path, out_path):
+    """Learning curves from log.csv: dB above the Wiener filter against training time, one line per task."""
+    with open(log_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val" and r.get("psnr_denoise")]
+    if len(rows) < 1:
+        return None
+    t = [float(r["elapsed_s"]) / 60 for r in rows]
+    curves = [(name, t, [float(r[f"psnr_{name}"]) - float(r[f"wiener_{name}"]) for r in rows])
+              for name in ("denoise", "inpaint", "deblur", "sr")]
+    return data.save_line_plot(out_path, curves, title="EMA posterior mean, held-out images: dB above the fitted Wiener filter",
+                               xlabel="training time (min)", ylabel="PSNR - Wiener PSNR (dB)")
 
 
 # -----------------------------------------------------------------------------
@@ -389,6 +477,11 @@ def run(args, stop):
     g_data = torch.Generator().manual_seed(args.seed + rank)
     g_noise = torch.Generator(device).manual_seed(10_000 + args.seed + rank)
     val_x = val_ds.get_batch(args.val_batch, torch.Generator().manual_seed(999_999)).to(device, dtype)
+    # the classical baseline validation compares with: a Gaussian prior fitted to training images
+    wiener = None
+    if args.val_restore:
+        fit_x = ds.get_batch(512, torch.Generator().manual_seed(777_777)).to(device, torch.float64)
+        wiener = aebm.fit_gaussian(fit_x, args.spectral_basis).to(dtype)
 
     # Model, EMA (a frozen copy, at least float32), optimizer. Every rank initialises from the same
     # seed and then takes rank 0's tensors: without the DDP wrapper nobody else would synchronise
@@ -452,7 +545,7 @@ def run(args, stop):
         log_file = open(log_path, "a" if args.resume else "w", newline="")
         log = csv.writer(log_file)
         if not args.resume:
-            log.writerow(["step", "split", "loss_dsm", "loss_csm", "lr", "grad_norm", "img_per_s", "elapsed_s"])
+            log.writerow(LOG_COLUMNS)
 
     # The loop.
     t_start, t_last, step_last = time.time(), time.time(), step
@@ -482,10 +575,15 @@ def run(args, stop):
             t_last, step_last = now, step
         if step % args.eval_every == 0 or step == args.steps:
             if master:
-                v_dsm, v_csm = validate(ema_energy, val_x, args, step, args.out)
-                print(f"step {step:7d} | validation (EMA) dsm {v_dsm:.4f} | csm {v_csm:.4f}", flush=True)
-                log.writerow([step, "val", v_dsm, v_csm, lr, "", "", time.time() - t_start])
+                v = validate(ema_energy, val_x, args, step, args.out, wiener)
+                above = " ".join(f"{k} {v[f'psnr_{k}'] - v[f'wiener_{k}']:+.2f}" for k in ("denoise", "inpaint", "deblur", "sr")
+                                 if f"psnr_{k}" in v)
+                print(f"step {step:7d} | validation (EMA) dsm {v['loss_dsm']:.4f} | csm {v['loss_csm']:.4f}"
+                      + (f" | dB above Wiener: {above} | blind inpainting {v['blind_inpaint']:.2f}" if above else ""), flush=True)
+                log.writerow([step, "val", v["loss_dsm"], v["loss_csm"], lr, "", "", time.time() - t_start]
+                             + [v.get(k, "") for k in LOG_COLUMNS[8:]])
                 log_file.flush()
+                draw_curves(log_path, os.path.join(args.out, "curves.png"))
         signum = agreed_signal(stop.signum, world)
         if step % args.ckpt_every == 0 or step == args.steps or signum:
             checkpoint()

@@ -36,7 +36,7 @@ def train_pair(size, config, steps, out, seed=0, batch=16, lr=1e-3):
         run_dir = os.path.join(out, f"gaussian{size}_{config}_{name}")
         train.main(["--dataset", "gaussian", "--img-size", str(size), "--channels", "1", "--config", config,
                     "--batch", str(batch), "--steps", str(steps), "--lr", str(lr), "--warmup", "20",
-                    "--decay-every", str(max(steps // 2, 1)), "--eval-every", str(10 * steps),
+                    "--decay", "step", "--decay-every", str(max(steps // 2, 1)), "--eval-every", str(10 * steps),
                     "--log-every", str(max(steps // 4, 1)), "--out", run_dir, "--lam", lam, "--seed", str(seed),
                     "--device", "cpu", "--val-batch", "4"])
         models[name] = train.load_energy(os.path.join(run_dir, "ckpt.pt"))[0]

@@ -51,8 +51,8 @@ def compare(energy, x64, argv, noise, seed=0):
     y, cov, _ = observation(x64, argv, noise, sample.energy_mean(e64), seed)
     x_hat64 = aebm.posterior_mean(e64, y, cov)
     x_hat32 = aebm.posterior_mean(e32, y.float(), cv.Covariance(cov.s.float(), cov.basis))
-    return dict(psnr32=sample.psnr(x_hat32.double(), x64).mean().item(),
-                psnr64=sample.psnr(x_hat64, x64).mean().item(),
+    return dict(psnr32=data.psnr(x_hat32.double(), x64).mean().item(),
+                psnr64=data.psnr(x_hat64, x64).mean().item(),
                 max_diff=(x_hat32.double() - x_hat64).abs().max().item())
 
 

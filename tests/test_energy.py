@@ -283,3 +283,25 @@ def test_wiener_shrunk_network_input_keeps_tweedie_bounded_where_nothing_is_obse
     model = aebm.EnergyModel(RandomUNetLike(C * H * W), mean=0.5, data_var=0.1)
     assert tweedie_error_at_missing_pixels(model, shrink_input=True) < 1.0
     assert tweedie_error_at_missing_pixels(model, shrink_input=False) > 100.0
+
+
+def test_the_exact_energy_still_minimises_the_edm_weighted_dsm_loss():
+    """A per-coordinate weight (s + sigma_d^2)/sigma_d^2 that does not depend on y keeps the minimiser of
+    A-DSM (x^_k = E[x_k | y]): the exact energy beats wrong ones in expectation (paired), and a
+    Sigma-dependent constant still changes nothing sample by sample."""
+    true = stationary_prior()
+    cov_fn = lambda n: cv.mask_covariance(cv.box_mask((n, 1, 4, 4), 2), 50.0, 0.05, 1)
+    def losses(energy):
+        g = torch.Generator().manual_seed(0)
+        x = true.sample(4000, g)
+        return aebm.dual_score_losses(energy, x, cov_fn(4000), generator=g, dsm_weight=0.1)
+    ref = losses(true)
+    for wrong in (stationary_prior(scale=1.5), stationary_prior(scale=0.6), stationary_prior(shift=0.3)):
+        assert significantly_larger(losses(wrong)[0], ref[0])
+    shifted = lambda y, cov: true(y, cov) + 0.3 * cov.log_s.flatten(1).sum(1)
+    torch.testing.assert_close(losses(shifted)[0], ref[0], atol=1e-12, rtol=1e-12)
+    plain = aebm.dual_score_losses(true, true.sample(8, torch.Generator().manual_seed(0)), cov_fn(8),
+                                   generator=torch.Generator().manual_seed(1))[0]
+    weighted = aebm.dual_score_losses(true, true.sample(8, torch.Generator().manual_seed(0)), cov_fn(8),
+                                      generator=torch.Generator().manual_seed(1), dsm_weight=0.1)[0]
+    assert (weighted > plain).all()  # the missing pixels now count

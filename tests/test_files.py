@@ -13,6 +13,7 @@ from PIL import Image
 import aebm
 import covariances as cv
 import data
+import nets
 import sample
 
 H, W = 37, 50  # an awkward size: odd, not square, not a power of two
@@ -81,7 +82,7 @@ def test_observed_restoration_equals_the_simulated_one_for_a_known_degradation()
         if args.task == "sr":  # the photo is the small image: DCT-domain down-sampling of the measurement
             h, w = y_obs.shape[-2] // 2, y_obs.shape[-1] // 2
             small = cv.from_basis(cv.to_basis(y_obs, "dct")[..., :h, :w] / 2, "dct")
-            y_obs = sample.upscale_grid(small, 2)
+            y_obs = cv.upscale_grid(small, 2)
             args.noise = 0.025  # the small image's noise: the large grid's divided by r
         obs_args = sample.parse_args(argv + ["--noise", str(args.noise), "--observed", "photo.png"])
         y2, cov2, _ = sample.observed_problem(obs_args, prior, y_obs)
@@ -118,7 +119,7 @@ def test_bad_files_give_clear_errors(tmp_path, monkeypatch):
         run(tmp_path, "--input", str(tmp_path / "missing.png"))
     with pytest.raises(ValueError, match="mask .* is 10x10 .* but the image is 50x37"):
         run(tmp_path, "--observed", str(path), "--task", "inpaint", "--mask-file", str(small_mask), "--noise", "0.05")
-    monkeypatch.setattr(sample, "free_bytes", lambda device: 1000)
+    monkeypatch.setattr(nets, "free_bytes", lambda device: 1000)
     import train
     train.main(["--dataset", "deadleaves", "--img-size", "16", "--config", "tiny", "--batch", "2", "--steps", "1",
                 "--out", str(tmp_path / "run"), "--device", "cpu", "--val-batch", "2"])

@@ -210,7 +210,7 @@ def test_any_order_generation_fills_every_patch():
 
 
 def ssim_slow(x, y, size=11, sigma=1.5):
-    """SSIM by explicit loops over windows and channels (numpy), the reference for sample.ssim."""
+    """SSIM by explicit loops over windows and channels (numpy), the reference for data.ssim."""
     t = np.arange(size) - (size - 1) / 2
     g = np.exp(-0.5 * (t / sigma) ** 2)
     w = np.outer(g, g) / np.outer(g, g).sum()
@@ -235,10 +235,10 @@ def test_ssim_and_psnr_match_slow_references():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 16, 16, generator=g)
     y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
-    np.testing.assert_allclose(sample.ssim(y, x).numpy(), ssim_slow(y.numpy(), x.numpy()), rtol=1e-10)
-    assert sample.ssim(x, x).allclose(torch.ones(2))
+    np.testing.assert_allclose(data.ssim(y, x).numpy(), ssim_slow(y.numpy(), x.numpy()), rtol=1e-10)
+    assert data.ssim(x, x).allclose(torch.ones(2))
     mse = ((x - y) ** 2).flatten(1).mean(1)
-    torch.testing.assert_close(sample.psnr(y, x), -10 * torch.log10(mse))
+    torch.testing.assert_close(data.psnr(y, x), -10 * torch.log10(mse))
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -328,7 +328,7 @@ def test_out_that_is_a_file_and_non_checkpoints_give_one_line_errors(tmp_path):
     ("--steps", "-5", "--steps must be at least 1"), ("--lr", "0", "--lr must be positive"),
     ("--clip", "-1", "--clip must be positive"), ("--ema", "-0.1", "--ema must be in"), ("--ema", "1.5", "--ema must be in"),
     ("--p-iso", "1.2", "--p-iso must be in"), ("--lam", "-1", "--lam must be 0 or more"),
-    ("--warmup", "-1", "--warmup must be at least 0"), ("--decay-every", "0", "--decay-every must be at least 1"),
+    ("--warmup", "-1", "--warmup must be at least 0"), ("--decay-every", "-1", "--decay-every must be at least 0"),
     ("--log-every", "0", "--log-every must be at least 1"), ("--eval-every", "0", "--eval-every must be at least 1"),
     ("--ckpt-every", "0", "--ckpt-every must be at least 1"), ("--batch", "-4", "--batch must be at least 1"),
     ("--dropout", "1.0", "--dropout must be in"), ("--lr", "nan", "--lr must be positive"),

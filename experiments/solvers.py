@@ -1,0 +1,222 @@
+"""
+Every solver on the same energy, scored against the exact posterior (the paper's Table 1 and Fig. 4).
+
+    python -m experiments.solvers --dataset gaussian --prior exact           # only the algorithms differ
+    python -m experiments.solvers --dataset gaussian --ckpt runs/g/ckpt.pt   # a model learned on the field
+    python -m experiments.solvers --ckpt runs/quick/ckpt.pt                  # dead leaves: against the truth
+    python -m experiments.solvers --tune                                     # the peers' step-size grid
+
+Solvers: the Wiener filter of a Gaussian prior fitted to training images (the classical answer),
+the energy model's posterior mean (M4), its ULA, MALA and adaptive (M13) samplers, and DPS,
+RED-Diff and DAPS on the energy's isotropic slice (sample.py). For every task (box inpainting,
+deblurring, SR x2, denoising): K samples for each of a few observations, and
+
+  - mean error / Bayes: the MSE of the mean of the K samples over the MSE of the exact posterior mean;
+  - variance / exact: the mean per-pixel variance of the samples over the exact posterior variance
+    (1: calibrated, 0: a point estimate);
+  - log p(x | y): the exact log posterior density of the samples, per dimension, against its
+    expectation under the exact posterior, -1/2 log(2 pi e) - log det(Sigma_post) / (2d);
+  - NFE (network evaluations per sample) and seconds per sample.
+
+On the Gaussian field the exact posterior is M9's (dense, 16x16); on any other dataset the table has
+PSNR against the truth instead. Writes OUT/solvers.md, OUT/TASK.png grids (truth | observation |
+exact or Wiener mean | one sample per solver) and OUT/fig4.png (log prior against log posterior of
+each solver's samples for one observation, Bayes' rule with the normalized energy, and the truth).
+"""
+
+import argparse
+import copy
+import math
+import os
+import time
+
+import torch
+
+import aebm
+import covariances as cv
+import data
+import sample
+
+TASKS = {  # name: sample.py flags
+    "box inpainting": ["--task", "inpaint", "--mask", "box", "--noise", "0.05"],
+    "deblurring": ["--task", "deblur", "--blur-std", "1.5", "--noise", "0.05"],
+    "SR x2": ["--task", "sr", "--sr-factor", "2", "--noise", "0.05"],
+    "denoising": ["--task", "denoise", "--noise", "0.1"],
+}
+SOLVERS = ["wiener (fitted)", "mean", "ula", "mala", "adaptive", "dps", "reddiff", "daps"]
+
+
+def task_args(name, basis, nfe):
+    args = sample.parse_args(TASKS[name] + ["--basis", basis, "--missing-var", str(cv.S_HUGE)])
+    args.steps = nfe // 2  # the energy samplers: one predictor and one corrector evaluation per level
+    return args
+
+
+def solve(solver, energy, fitted, args, y, cov, y_obs, prob, K, nfe, seed):
+    """K draws (or K copies of a point estimate) for each observation: (B*K, C, H, W), NFE, seconds."""
+    g = torch.Generator().manual_seed(seed)
+    rep = lambda t: t.repeat_interleave(K, 0)
+    yK, y_obsK = rep(y), rep(y_obs)
+    covK = cv.Covariance(rep(cov.s), cov.basis)
+    t0 = time.time()
+    if solver == "wiener (fitted)":
+        out, evals = rep(aebm.posterior_mean(fitted, y, cov)), 0
+    elif solver == "mean":
+        out, evals = rep(aebm.posterior_mean(energy, y, cov)), 1
+    elif solver in ("ula", "mala", "adaptive"):
+        res = sample.reverse_diffusion(energy, yK, covK, levels=nfe // 2, s_end=args.s_end,
+                                       corrector="mala" if solver == "mala" else "ula",
+                                       schedule="adaptive" if solver == "adaptive" else "geometric", generator=g)
+        out, evals = res.x_mean, res.evaluations
+    else:
+        probK = cv.Degradation(rep(prob.a), prob.basis, prob.sigma_n, prob.s_huge)
+        out, evals = sample.PEERS[solver](energy, y_obsK, probK, evaluations=nfe, task=args.task, generator=g)
+    return out, evals, (time.time() - t0) / out.shape[0]
+
+
+def exact_posterior(prior, y, cov):
+    """Exact posterior mean (B, d) and covariance (B, d, d) of a Gaussian prior (M9, dense)."""
+    mean = prior.posterior_mean(y.double(), cv.Covariance(cov.s.double(), cov.basis)).flatten(1)
+    return mean, prior.posterior_cov(cv.Covariance(cov.s.double(), cov.basis))
+
+
+def run(energy, fitted, ds, exact, basis, n_obs=4, K=16, nfe=200, seed=0, out="runs/solvers", fig4=True):
+    """The table rows {task: {solver: metrics}} and the figures."""
+    os.makedirs(out, exist_ok=True)
+    x = ds.get_batch(n_obs, torch.Generator().manual_seed(90_000 + seed)).double()
+    d = x[0].numel()
+    table = {}
+    for t_i, name in enumerate(TASKS):
+        args = task_args(name, basis, nfe)
+        y, cov, y_obs, task = sample.observe(args, x, sample.energy_mean(energy), torch.Generator().manual_seed(seed + t_i))
+        y, y_obs, cov = y.float(), y_obs.float(), cv.Covariance(cov.s.float(), cov.basis)
+        prob = sample.peer_problem(args, task, y_obs, cov, torch.float32)
+        ref = exact_posterior(exact, y, cov) if exact is not None else None
+        rows, grid = {}, [x.float(), y_obs, (ref[0].view_as(x).float() if ref else aebm.posterior_mean(fitted, y, cov))]
+        for s_i, solver in enumerate(SOLVERS):
+            samples, evals, secs = solve(solver, energy, fitted, args, y, cov, y_obs, prob, K, nfe, seed + 10 * s_i)
+            samples = samples.double().view(n_obs, K, -1)  # (B, K, d)
+            grid.append(samples[:, 0].view_as(x).float())
+            r = dict(nfe=evals, seconds=secs, psnr=data.psnr(samples.mean(1).view_as(x), x).mean().item())
+            if ref is not None:
+                post_mean, post_cov = ref
+                bayes = (post_mean - x.flatten(1)).square().mean()
+                r["mean_error"] = ((samples.mean(1) - x.flatten(1)).square().mean() / bayes).item()
+                var = post_cov.diagonal(dim1=-2, dim2=-1)  # (B, d)
+                r["variance"] = (samples.var(1).mean() / var.mean()).item() if K > 1 else float("nan")
+                mvn = torch.distributions.MultivariateNormal(post_mean, post_cov)
+                lp = mvn.log_prob(samples.transpose(0, 1)).mean().item() / d  # (K, B) -> mean
+                r["log_post"] = lp
+                r["log_post_expected"] = -mvn.entropy().mean().item() / d  # -1/2 log(2 pi e) - log det / (2d)
+            rows[solver] = r
+            print(f"  {name:15s} {solver:16s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+        data.save_grid(os.path.join(out, f"{name.replace(' ', '_')}.png"), grid)
+        table[name] = rows
+        if fig4 and t_i == 0:
+            fig4_plot(energy, exact, x[:1], y[:1], cov[:1], args, prob, nfe, K, seed, os.path.join(out, "fig4.png"))
+    return table
+
+
+def fig4_plot(energy, exact, x, y, cov, args, prob, nfe, K, seed, path):
+    """The paper's Fig. 4 on any model: for one observation, log prior against log posterior (Bayes' rule
+    with the normalized energy) of each solver's samples and of the truth; exact densities as well."""
+    groups = []
+    y_obs = prob.A(x.float())
+    prob1 = cv.Degradation(prob.a[:1], prob.basis, prob.sigma_n, prob.s_huge)
+    d = x[0].numel()
+    for s_i, solver in enumerate(["ula", "mala", "dps", "reddiff", "daps"]):
+        samples, _, _ = solve(solver, energy, None, args, y, cov, y_obs, prob1, K, nfe, seed + 10 * s_i)
+        lp = (aebm.log_prob(energy, samples.float()) / d).tolist()
+        lq = (sample.log_posterior(energy, samples.float(), y.expand_as(samples), cv.Covariance(cov.s.expand_as(samples), cov.basis)) / d).tolist()
+        groups.append((solver, lp, lq, "o"))
+    lp_t = (aebm.log_prob(energy, x.float()) / d).tolist()
+    lq_t = (sample.log_posterior(energy, x.float(), y, cov) / d).tolist()
+    groups.append(("truth", lp_t, lq_t, "x"))
+    data.save_scatter_plot(path, groups, title="one observation: samples of each solver (learned densities)",
+                           xlabel="log p(x) / d (nats)", ylabel="log p(x | y) / d (nats)")
+
+
+def tune(ds, exact, basis, nfe=200, n=16, seed=1):
+    """The peers' step sizes: for each task, the grid value with the lowest MSE on n training images."""
+    x = ds.get_batch(n, torch.Generator().manual_seed(seed)).double()  # training draws, not the test seed
+    chosen = {}
+    for t_i, name in enumerate(TASKS):
+        args = task_args(name, basis, nfe)
+        y, cov, y_obs, task = sample.observe(args, x, sample.energy_mean(exact), torch.Generator().manual_seed(seed + t_i))
+        y_obs = y_obs.float()
+        prob = sample.peer_problem(args, task, y_obs, cov, torch.float32)
+        for peer, grid in sample.PEER_GRID.items():
+            mse = {}
+            for step in grid:
+                out, _ = sample.PEERS[peer](exact, y_obs, prob, evaluations=nfe, step=step, task=args.task,
+                                            generator=torch.Generator().manual_seed(seed))
+                mse[step] = (out.double() - x).square().mean().item()
+            best = min(mse, key=mse.get)
+            chosen.setdefault(peer, {})[args.task] = best
+            print(f"  {name:15s} {peer:8s} " + " ".join(f"{k}: {v:.5f}" for k, v in mse.items()) + f"  -> {best}", flush=True)
+    return chosen
+
+
+def markdown(table, exact):
+    cols = ["mean_error", "variance", "log_post", "nfe", "seconds"] if exact else ["psnr", "nfe", "seconds"]
+    heads = {"mean_error": "mean error / Bayes", "variance": "variance / exact", "log_post": "log p(x|y)/d (expected)",
+             "psnr": "PSNR of the mean (dB)", "nfe": "NFE", "seconds": "s / sample"}
+    lines = []
+    for task, rows in table.items():
+        lines.append(f"\n**{task}**\n\n| solver | " + " | ".join(heads[c] for c in cols) + " |")
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for solver, r in rows.items():
+            cells = []
+            for c in cols:
+                if c == "log_post":
+                    cells.append(f"{r[c]:.3f} ({r['log_post_expected']:.3f})")
+                elif c == "nfe":
+                    cells.append(str(r[c]))
+                else:
+                    cells.append(f"{r[c]:.3f}")
+            lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import train
+
+    p = argparse.ArgumentParser(description="Every solver against the exact posterior (paper Table 1, Fig. 4).")
+    p.add_argument("--dataset", default="gaussian", help="gaussian (exact posterior known) or any train.py dataset")
+    p.add_argument("--prior", default="model", choices=["model", "exact"], help="exact: the Gaussian field's own energy")
+    p.add_argument("--ckpt", default=None, help="a learned energy (checkpoint of train.py)")
+    p.add_argument("--data-dir", default=None, help="directory of an on-disk dataset")
+    p.add_argument("--size", type=int, default=16, help="image size for the gaussian dataset")
+    p.add_argument("--n", type=int, default=4, help="observations per task")
+    p.add_argument("--samples", type=int, default=16, help="samples per observation")
+    p.add_argument("--nfe", type=int, default=200, help="network evaluations per sample")
+    p.add_argument("--fit-images", type=int, default=512, help="training images for the fitted Gaussian")
+    p.add_argument("--out", default="runs/solvers", help="table and figures")
+    p.add_argument("--tune", action="store_true", help="run the peers' step-size grid instead")
+    a = p.parse_args(argv)
+    if a.ckpt:
+        energy, config = train.load_energy(a.ckpt)
+        size, channels, name = config["img_size"], config["channels"], a.dataset if a.dataset != "gaussian" else config["dataset"]
+        basis = config.get("spectral_basis", "dct")
+    else:
+        if a.prior != "exact" or a.dataset != "gaussian":
+            raise ValueError("without --ckpt only --dataset gaussian --prior exact has an energy to run")
+        size, channels, name, basis = a.size, 1, "gaussian", "fft"
+    ds = data.load_dataset(name, size, channels, a.data_dir, "test")
+    exact = copy.deepcopy(ds.prior) if name == "gaussian" else None
+    if a.tune:
+        print(tune(ds, exact, basis, a.nfe))
+        return
+    energy = energy if a.ckpt else exact
+    train_x = data.load_dataset(name, size, channels, a.data_dir, "train").get_batch(a.fit_images, torch.Generator().manual_seed(5))
+    fitted = aebm.fit_gaussian(train_x, basis)
+    table = run(energy, fitted, ds, exact, basis, a.n, a.samples, a.nfe, out=a.out)
+    text = markdown(table, exact is not None)
+    with open(os.path.join(a.out, "solvers.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"\nwritten: {a.out}/solvers.md, task grids, {a.out}/fig4.png")
+
+
+if __name__ == "__main__":
+    main()
