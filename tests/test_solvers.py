@@ -41,16 +41,18 @@ def test_reddiff_with_the_exact_prior_lands_near_the_wiener_filter():
 
 
 def test_the_mean_of_many_daps_samples_approaches_the_wiener_filter():
-    """64 DAPS samples of one observation: their mean is within the posterior's spread of the Wiener
-    filter (measured: 0.27 of the Wiener filter's own error), and the samples do vary."""
+    """64 DAPS samples of one observation: their mean is as close to the Wiener filter as 64 exact
+    posterior samples' would be (1/sqrt(64) = 0.125 of the Wiener filter's own error; measured 0.124
+    at 100 evaluations), and their spread is the posterior's (measured 0.136 against 0.133)."""
     prior, x, prob, y_obs, wiener, cov = deblur_setup(n=1)
     K = 64
     probK = cv.Degradation(prob.a.expand(K, -1, -1, -1), "fft", prob.sigma_n)
     out, nfe = sample.daps(prior, y_obs.expand(K, -1, -1, -1), probK, evaluations=100, task="deblur",
                            generator=torch.Generator().manual_seed(3))
     assert nfe == 100
-    assert (out.mean(0) - wiener[0]).norm() / (wiener - x).norm() < 0.5
-    assert out.std(0).mean() > 0.01
+    assert (out.mean(0) - wiener[0]).norm() / (wiener - x).norm() < 0.25
+    exact_std = prior.posterior_cov(cov)[0].diagonal().sqrt().mean()
+    assert abs(out.std(0).mean() / exact_std - 1) < 0.15
 
 
 def test_dps_honours_the_measurement():
