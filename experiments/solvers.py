@@ -64,7 +64,8 @@ def solve(solver, energy, fitted, args, y, cov, y_obs, prob, K, nfe, seed):
     elif solver == "mean":
         out, evals = rep(aebm.posterior_mean(energy, y, cov)), 1
     elif solver in ("ula", "mala", "adaptive"):
-        res = sample.reverse_diffusion(energy, yK, covK, levels=nfe // 2, s_end=args.s_end,
+        levels = nfe // 3 if solver == "adaptive" else nfe // 2  # adaptive also needs dE/dlog s: 3 evaluations a level
+        res = sample.reverse_diffusion(energy, yK, covK, levels=levels, s_end=args.s_end,
                                        corrector="mala" if solver == "mala" else "ula",
                                        schedule="adaptive" if solver == "adaptive" else "geometric", generator=g)
         out, evals = res.x_mean, res.evaluations
@@ -113,15 +114,14 @@ def run(energy, fitted, ds, exact, basis, n_obs=4, K=16, nfe=200, seed=0, out="r
         data.save_grid(os.path.join(out, f"{name.replace(' ', '_')}.png"), grid)
         table[name] = rows
         if fig4 and t_i == 0:
-            fig4_plot(energy, exact, x[:1], y[:1], cov[:1], args, prob, nfe, K, seed, os.path.join(out, "fig4.png"))
+            fig4_plot(energy, x[:1], y[:1], cov[:1], y_obs[:1], args, prob, nfe, K, seed, os.path.join(out, "fig4.png"))
     return table
 
 
-def fig4_plot(energy, exact, x, y, cov, args, prob, nfe, K, seed, path):
+def fig4_plot(energy, x, y, cov, y_obs, args, prob, nfe, K, seed, path):
     """The paper's Fig. 4 on any model: for one observation, log prior against log posterior (Bayes' rule
-    with the normalized energy) of each solver's samples and of the truth; exact densities as well."""
+    with the normalized energy) of each solver's samples and of the truth."""
     groups = []
-    y_obs = prob.A(x.float())
     prob1 = cv.Degradation(prob.a[:1], prob.basis, prob.sigma_n, prob.s_huge)
     d = x[0].numel()
     for s_i, solver in enumerate(["ula", "mala", "dps", "reddiff", "daps"]):
@@ -132,7 +132,8 @@ def fig4_plot(energy, exact, x, y, cov, args, prob, nfe, K, seed, path):
     lp_t = (aebm.log_prob(energy, x.float()) / d).tolist()
     lq_t = (sample.log_posterior(energy, x.float(), y, cov) / d).tolist()
     groups.append(("truth", lp_t, lq_t, "x"))
-    data.save_scatter_plot(path, groups, title="one observation: samples of each solver (learned densities)",
+    kind = "exact" if isinstance(energy, aebm.GaussianEnergy) else "learned"
+    data.save_scatter_plot(path, groups, title=f"one observation: samples of each solver ({kind} densities)",
                            xlabel="log p(x) / d (nats)", ylabel="log p(x | y) / d (nats)")
 
 
@@ -160,6 +161,21 @@ def tune(ds, exact, basis, nfe=200, n=16, K=4, seed=1):
             chosen.setdefault(peer, {})[args.task] = best
             print(f"  {name:15s} {peer:8s} " + " ".join(f"{k}: {v:.5f}" for k, v in mse.items()) + f"  -> {best}", flush=True)
     return chosen
+
+
+def compact(table, exact):
+    """One row per solver, one column per task: 'mean error / variance / log p (expected)' on the
+    Gaussian field, the PSNR of the samples' mean elsewhere."""
+    tasks = list(table)
+    lines = ["| solver | NFE | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
+    for solver in table[tasks[0]]:
+        cells = []
+        for t in tasks:
+            r = table[t][solver]
+            cells.append(f"{r['mean_error']:.2f} / {r['variance']:.2f} / {r['log_post']:.2f} ({r['log_post_expected']:.2f})"
+                         if exact else f"{r['psnr']:.2f} dB")
+        lines.append(f"| {solver} | {table[tasks[0]][solver]['nfe']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(table, exact):
@@ -216,7 +232,7 @@ def main(argv=None):
     train_x = data.load_dataset(name, size, channels, a.data_dir, "train").get_batch(a.fit_images, torch.Generator().manual_seed(5))
     fitted = aebm.fit_gaussian(train_x, basis)
     table = run(energy, fitted, ds, exact, basis, a.n, a.samples, a.nfe, out=a.out)
-    text = markdown(table, exact is not None)
+    text = compact(table, exact is not None) + "\n" + markdown(table, exact is not None)
     with open(os.path.join(a.out, "solvers.md"), "w") as f:
         f.write(text + "\n")
     print(text)
