@@ -60,6 +60,28 @@ def sum_coords(terms):
     return terms.double().flatten(1).sum(1)
 
 
+# What any energy (EnergyModel, GaussianEnergy, a plain function) was built with: sample.py reads these.
+
+def energy_mean(energy):
+    """The data mean mu the energy was built with (EnergyModel: a float; GaussianEnergy: a tensor)."""
+    m = getattr(energy, "mean", 0.5)
+    return m if torch.is_tensor(m) or isinstance(m, float) else float(m)
+
+
+def energy_tensors(energy):
+    return list(energy.parameters()) + list(energy.buffers()) if isinstance(energy, torch.nn.Module) else []
+
+
+def energy_device(energy):
+    tensors = energy_tensors(energy)
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def energy_dtype(energy):
+    """The dtype the energy computes in (its first floating tensor; float32 for a plain function)."""
+    return next((t.dtype for t in energy_tensors(energy) if t.is_floating_point()), torch.float32)
+
+
 # -----------------------------------------------------------------------------
 # The learned energy (M3).
 

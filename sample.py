@@ -38,36 +38,6 @@ import nets
 S_MAX_PRIOR = 25.0 ** 2  # missing coordinates start the reverse diffusion from this variance (docs/method.md §6)
 
 
-def basis_sum(z):
-    """Sum over all but the batch axis of a real or complex basis-coordinate tensor, in float64: (B,).
-    (Log-densities are ~1e4 nats whose differences of a few nats matter: README, Precision.)"""
-    return (z.real if z.is_complex() else z).double().flatten(1).sum(1)
-
-
-def real_dtype(z):
-    return z.real.dtype if z.is_complex() else z.dtype
-
-
-def energy_mean(energy):
-    """The data mean mu the energy was built with (EnergyModel: a float; GaussianEnergy: a tensor)."""
-    m = getattr(energy, "mean", 0.5)
-    return m if torch.is_tensor(m) or isinstance(m, float) else float(m)
-
-
-def energy_tensors(energy):
-    return list(energy.parameters()) + list(energy.buffers()) if isinstance(energy, torch.nn.Module) else []
-
-
-def energy_device(energy):
-    tensors = energy_tensors(energy)
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
-def energy_dtype(energy):
-    """The dtype the energy computes in (its first floating tensor; float32 for a plain function)."""
-    return next((t.dtype for t in energy_tensors(energy) if t.is_floating_point()), torch.float32)
-
-
 # -----------------------------------------------------------------------------
 # Schedules.
 
@@ -113,7 +83,7 @@ def adaptive_level(s, score_log_s, s_target_mean_log, s_floor, s_ceiling):
 def log_target(E, z, z_obs, lik_prec):
     """log pi(y) up to a constant (M11): -E(y, Sigma) - 1/2 |y~ - y|^2 weighted by (Sigma_y - Sigma)^{-1},
     with z = U y and z_obs = U y~ in Sigma's basis."""
-    return -E - 0.5 * basis_sum(lik_prec * (z_obs - z).abs().square())
+    return -E - 0.5 * aebm.sum_coords(lik_prec * (z_obs - z).abs().square())
 
 
 def langevin(energy, z, z_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15, tau=0.9,
@@ -145,7 +115,7 @@ def langevin(energy, z, z_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15,
 
     accepted = torch.zeros(z.shape[0], device=z.device)
     for _ in range(n_steps):
-        zeta = cv.white_noise(z.shape, basis, generator, real_dtype(z), z.device)
+        zeta = cv.white_noise(z.shape, basis, generator, aebm.real_dtype(z), z.device)
         mean_fwd = z + drift(z, score)
         z_new = mean_fwd + (2 * eta * tau * P).sqrt() * zeta
         E_new, score_new, _ = aebm.energy_and_scores(energy, z_new, cov, need_log_s=False)
@@ -154,8 +124,8 @@ def langevin(energy, z, z_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15,
         elif method == "mala":
             mean_bwd = z_new + drift(z_new, score_new)
             var = torch.where(moving, 2 * eta * tau * P, torch.ones_like(P))
-            log_q_fwd = -0.5 * basis_sum(torch.where(moving, (z_new - mean_fwd).abs().square() / var, 0))
-            log_q_bwd = -0.5 * basis_sum(torch.where(moving, (z - mean_bwd).abs().square() / var, 0))
+            log_q_fwd = -0.5 * aebm.sum_coords(torch.where(moving, (z_new - mean_fwd).abs().square() / var, 0))
+            log_q_bwd = -0.5 * aebm.sum_coords(torch.where(moving, (z - mean_bwd).abs().square() / var, 0))
             log_alpha = (log_target(E_new, z_new, z_obs, lik_prec) - log_target(E, z, z_obs, lik_prec)
                          + log_q_bwd - log_q_fwd)
             u = torch.rand(z.shape[0], generator=generator, dtype=torch.float64, device=z.device)
@@ -177,7 +147,7 @@ def initial_state(z_obs, s_y, s0, mu, basis, generator=None):
     """A draw of y_0 given y~ where s0 < s_y, in the Gaussian-limit approximation (exact as s_y -> inf),
     in basis coordinates: z_0 = mu + (s0/s_y)(z_obs - mu) + sqrt(s0 (1 - s0/s_y)) zeta; z_0 = z_obs
     where s0 = s_y. mu: U of the data mean."""
-    zeta = cv.white_noise(z_obs.shape, basis, generator, real_dtype(z_obs), z_obs.device)
+    zeta = cv.white_noise(z_obs.shape, basis, generator, aebm.real_dtype(z_obs), z_obs.device)
     r = s0 / s_y
     z = mu + r * (z_obs - mu) + (s0 * (1 - r)).clamp_min(0).sqrt() * zeta
     return torch.where(s0 < s_y, z, z_obs)
@@ -196,7 +166,7 @@ def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_
     s0 = s_y.clamp(max=s_max)
     s = s0
     z_obs = cov_y.U(y_obs)
-    mu = cov_y.U(torch.full_like(y_obs, 1.0) * energy_mean(energy))
+    mu = cov_y.U(torch.full_like(y_obs, 1.0) * aebm.energy_mean(energy))
     z = initial_state(z_obs, s_y, s0, mu, basis, generator)
     need_log_s = schedule == "adaptive"
     E, score, score_log_s = aebm.energy_and_scores(energy, z, cv.Covariance(s, basis, check=False), need_log_s=need_log_s)
@@ -217,7 +187,7 @@ def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_
             raise ValueError(f"unknown schedule {schedule!r}: use 'geometric' or 'adaptive'")
         # (M12) predictor: y <- y - (Sigma_t - Sigma_{t+1}) dE/dy + (Sigma_t - Sigma_{t+1})^{1/2} xi, in the basis
         ds = (s - s_next).clamp_min(0)
-        zeta = cv.white_noise(z.shape, basis, generator, real_dtype(z), z.device)
+        zeta = cv.white_noise(z.shape, basis, generator, aebm.real_dtype(z), z.device)
         z = z - ds * score + ds.sqrt() * zeta
         s = s_next
         cov = cv.Covariance(s, basis, check=False)
@@ -240,9 +210,9 @@ def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_
 
 def generate(energy, shape, levels=600, s_end=1e-4, generator=None, **kw):
     """Unconditional samples: the observation is pure noise of variance s_huge (Sigma_y = s_huge I)."""
-    device, dtype = energy_device(energy), energy_dtype(energy)
+    device, dtype = aebm.energy_device(energy), aebm.energy_dtype(energy)
     cov_y = cv.Covariance(torch.full(shape, cv.S_HUGE, device=device, dtype=dtype), "pixel")
-    y_obs = energy_mean(energy) + math.sqrt(cv.S_HUGE) * cv.white_noise(shape, "pixel", generator, dtype, device)
+    y_obs = aebm.energy_mean(energy) + math.sqrt(cv.S_HUGE) * cv.white_noise(shape, "pixel", generator, dtype, device)
     return reverse_diffusion(energy, y_obs, cov_y, levels=levels, s_end=s_end, generator=generator, **kw)
 
 
@@ -256,9 +226,9 @@ def any_order(energy, shape, P, order=None, levels_per_patch=20, s_max=S_MAX_PRI
         raise ValueError(f"patch size {P} must divide the image size {H}x{W}")
     nh, nw = H // P, W // P
     order = list(range(nh * nw)) if order is None else list(order)
-    device, dtype = energy_device(energy), energy_dtype(energy)
+    device, dtype = aebm.energy_device(energy), aebm.energy_dtype(energy)
     s_patch = torch.full((B, C, nh, nw), s_max, device=device, dtype=dtype)  # (B, C, H/P, W/P)
-    y = energy_mean(energy) + math.sqrt(s_max) * cv.white_noise(shape, "pixel", generator, dtype, device)
+    y = aebm.energy_mean(energy) + math.sqrt(s_max) * cv.white_noise(shape, "pixel", generator, dtype, device)
     for k in order:
         for t in range(levels_per_patch):
             cov = cv.patch_covariance(s_patch, P)
@@ -330,7 +300,7 @@ def dps(energy, y_obs, prob, evaluations=200, step=None, task="deblur", generato
     step = PEER_STEPS["dps"][task] if step is None else step
     check_step("DPS", step)
     sig = noise_levels(evaluations)
-    mean = energy_mean(energy)
+    mean = aebm.energy_mean(energy)
     x = mean + sig[0] * cv.white_noise(y_obs.shape, "pixel", generator, y_obs.dtype, y_obs.device)
     for i in range(evaluations):
         s, s_next = sig[i], sig[i + 1]
@@ -360,7 +330,7 @@ def reddiff(energy, y_obs, prob, evaluations=200, step=None, task="deblur", lr=0
     check_step("RED-Diff", step)
     mu = y_obs.clone()
     if prob.basis == "pixel":  # a mask: the unobserved pixels start at the data mean
-        mu = torch.where(prob.a > 0, y_obs, torch.full_like(y_obs, float(torch.as_tensor(energy_mean(energy)).mean())))
+        mu = torch.where(prob.a > 0, y_obs, torch.full_like(y_obs, float(torch.as_tensor(aebm.energy_mean(energy)).mean())))
     mu.requires_grad_(True)
     opt = torch.optim.Adam([mu], lr=lr, betas=(0.9, 0.99))
     for s in noise_levels(evaluations)[:-1]:
@@ -389,7 +359,7 @@ def daps(energy, y_obs, prob, evaluations=200, step=None, task="deblur", ode_ste
     check_step("DAPS", step)
     levels = max(1, evaluations // ode_steps)
     sig = noise_levels(levels)
-    mean = energy_mean(energy)
+    mean = aebm.energy_mean(energy)
     x = mean + sig[0] * cv.white_noise(y_obs.shape, "pixel", generator, y_obs.dtype, y_obs.device)
     a_max = prob.a.abs().max().item()
     for i in range(levels):
@@ -452,7 +422,7 @@ def degradation_nll(energy, y_obs, prob, mean, generator=None, observed_only=Fal
         noise = torch.zeros_like(noise)
     jac = prob.a.abs().clamp_min(1e-300).log()
     per_coord = torch.where(prob.informative, jac, noise - fill)
-    return E + basis_sum(per_coord)
+    return E + aebm.sum_coords(per_coord)
 
 
 def blind_deblur(energy, y_obs, blur_stds, noises, basis, mean, generator=None):
@@ -476,8 +446,8 @@ def log_posterior(energy, x, y, cov_y, prior_basis="pixel", s_prior=aebm.S_MIN):
     energies (M10; coordinates with s_huge carry no likelihood and are left out of both terms)."""
     keep = cov_y.s < cv.S_HUGE * 0.999
     r = cov_y.U(y - x)
-    log_lik = -0.5 * basis_sum(torch.where(keep, r.abs().square() / cov_y.s + torch.log(2 * math.pi * cov_y.s), 0))
-    huge_part = 0.5 * basis_sum(torch.where(keep, 0, cov_y.U(y - energy_mean(energy)).abs().square() / cov_y.s
+    log_lik = -0.5 * aebm.sum_coords(torch.where(keep, r.abs().square() / cov_y.s + torch.log(2 * math.pi * cov_y.s), 0))
+    huge_part = 0.5 * aebm.sum_coords(torch.where(keep, 0, cov_y.U(y - aebm.energy_mean(energy)).abs().square() / cov_y.s
                                             + torch.log(2 * math.pi * cov_y.s)))
     with torch.no_grad():
         log_evidence = -energy(y, cov_y) + huge_part  # the s_huge coordinates' Gaussian-limit factor removed
@@ -537,7 +507,7 @@ def observed_problem(args, energy, y_obs, missing=None):
     """(y~, Sigma_y, estimates) for a measurement y_obs that came as it is (--observed), with no truth.
     A degradation parameter left unset (--noise, --blur-std) is estimated blindly: the candidate that
     minimises -log p(y_obs) under the normalized energy (degradation_nll). estimates: {name: value}."""
-    mean, shape = energy_mean(energy), y_obs.shape
+    mean, shape = aebm.energy_mean(energy), y_obs.shape
     kw = dict(dtype=y_obs.dtype, device=y_obs.device)
     noises = NOISES if args.noise is None else [args.noise]
     if args.task == "deblur":
@@ -774,7 +744,7 @@ def restore_file(args, device, dtype):
         args.basis = "dct"
     nets.check_memory(energy, (1, channels, *size), device)
     g = torch.Generator(device).manual_seed(args.seed)
-    mean = energy_mean(energy)
+    mean = aebm.energy_mean(energy)
     report = {"task": args.task, "sampler": args.sampler, "prior": args.prior, "dtype": args.dtype,
               "mode": "observed" if observed else "input", "file": path, "size": [out_w, out_h]}
     t0 = time.time()
@@ -837,7 +807,7 @@ def main(argv=None):
     x = ds.get_batch(args.n, torch.Generator().manual_seed(10_000 + args.seed)).to(device, dtype)
     shape, d = x.shape, x[0].numel()
     report, t0 = {"task": args.task, "sampler": args.sampler, "prior": args.prior, "dtype": args.dtype}, time.time()
-    mean = energy_mean(energy)
+    mean = aebm.energy_mean(energy)
 
     if args.task == "uncond":
         res = generate(energy, shape, levels=args.steps, s_end=args.s_end, generator=g,

@@ -46,9 +46,14 @@ import nets
 # more than they save at batch 16), and TF32 keeps the energy ~15x closer to float32 (README, Benchmarks).
 PRESETS = {
     "quick": dict(config="small", batch=8, steps=400, lr=1e-3, warmup=50, decay="cosine", decay_every=0, ema=0.99,
-                  log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False),
+                  log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False, s_range=None),
+    # About an hour on 2 CPU cores (README, Learning): twice the batch, ten times the steps, a slower EMA, and
+    # training variances drawn from [1e-4, 1e3] instead of [1e-6, 1e3]: below 1e-4 (noise under 1% of the
+    # signal range) the denoiser is nearly the identity and the draws teach restoration little.
+    "hour": dict(config="small", batch=16, steps=3600, lr=1e-3, warmup=100, decay="cosine", decay_every=0, ema=0.999,
+                 log_every=100, eval_every=600, ckpt_every=600, bf16=False, tf32=False, s_range=(1e-4, 1e3)),
     "imagenet64": dict(config="paper64", batch=128, steps=400_000, lr=2e-4, warmup=1000, decay="step", decay_every=100_000,
-                       ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=False, tf32=True),
+                       ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=False, tf32=True, s_range=None),
 }
 # Native image size and spectral basis per dataset (periodic data: fft; natural images: dct).
 DATASET_DEFAULTS = {
@@ -64,6 +69,8 @@ ARCHITECTURE_KEYS = ("dataset", "img_size", "channels", "config", "dtype")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train an anisotropic energy model with dual score matching.")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="defaults for the flags below (default: imagenet64 for --dataset imagenet64, else quick)")
     p.add_argument("--dataset", default="deadleaves", help=f"one of {data.BUILTIN + data.ON_DISK}")
     p.add_argument("--data-dir", default=None, help="directory of an on-disk dataset (see README, Datasets)")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the dataset's, e.g. 32 for deadleaves)")
@@ -72,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--spectral-basis", default=None, choices=["fft", "dct"],
                    help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
     p.add_argument("--p-iso", type=float, default=0.1, help="fraction of isotropic training covariances")
+    p.add_argument("--s-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help=f"range of the log-uniform training variances (default {cv.S_MIN:g} {cv.S_MAX:g}; noise of "
+                        "spectral draws up to min(HI, 1))")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the A-CSM loss (M8); 0 = DSM-only")
     p.add_argument("--dsm-weight", default="none", choices=["none", "edm"],
                    help="edm: weight A-DSM's coordinates by (s + sigma_d^2)/sigma_d^2, so that missing pixels count "
@@ -101,7 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate of the UNet (default: the config's)")
     args = p.parse_args(argv)
-    preset = PRESETS["imagenet64" if args.dataset == "imagenet64" else "quick"]
+    args.preset = args.preset or ("imagenet64" if args.dataset == "imagenet64" else "quick")
+    preset = PRESETS[args.preset]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -125,6 +136,10 @@ def parse_args(argv=None):
                                   ("--dropout", args.dropout, 0 <= args.dropout < 1, "in [0, 1)")]:
         if not (math.isfinite(value) and ok):
             p.error(f"{flag} must be {what}, got {value}")
+    args.s_range = tuple(args.s_range or (cv.S_MIN, cv.S_MAX))
+    lo, hi = args.s_range
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi and lo < 1):
+        p.error(f"--s-range must be two variances 0 < LO < HI with LO < 1, got {lo:g} {hi:g}")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     return args
@@ -139,6 +154,12 @@ def check_flags(parser, args, integers):
 
 # -----------------------------------------------------------------------------
 # Pieces of the loop.
+
+def training_ranges(args):
+    """--s-range as the keyword arguments of cv.sample_training_covariances (spectral noise at most 1)."""
+    lo, hi = getattr(args, "s_range", (cv.S_MIN, cv.S_MAX))  # checkpoints from before the flag lack it
+    return dict(s_range=(lo, hi), noise_range=(lo, min(hi, 1.0)))
+
 
 def learning_rate(step, args):
     """Linear warm-up (none for --warmup 0), then: cosine from lr to lr/20 over the run's --steps (so a
@@ -341,7 +362,7 @@ def validate(energy, val_x, args, step, out_dir, wiener=None):
     what matters: restoration PSNR next to the Wiener filter's and blind inpainting accuracy.
     Draws from no training generator (README, Training)."""
     g = torch.Generator(val_x.device).manual_seed(1234)
-    groups = cv.sample_training_covariances(val_x.shape, args.spectral_basis, args.p_iso,
+    groups = cv.sample_training_covariances(val_x.shape, args.spectral_basis, args.p_iso, **training_ranges(args),
                                             generator=torch.Generator().manual_seed(1234),
                                             dtype=val_x.dtype, device=val_x.device)
     with torch.enable_grad():
@@ -555,7 +576,7 @@ def run(args, stop):
             group["lr"] = lr
         x = draw_batch(ds, local_batch, g_data, device, dtype)
         groups = cv.sample_training_covariances(x.shape, args.spectral_basis, args.p_iso, generator=g_data,
-                                                dtype=dtype, device=device)
+                                                **training_ranges(args), dtype=dtype, device=device)
         try:
             L_dsm, L_csm, grad_norm = train_step(energy, opt, x, groups, args, world, g_noise)
         except FloatingPointError as e:

@@ -48,7 +48,7 @@ def in_dtype(energy, dtype):
 def compare(energy, x64, argv, noise, seed=0):
     """Posterior means of `energy` in float32 and float64 for one task: PSNRs and the largest difference."""
     e64, e32 = in_dtype(energy, torch.float64), in_dtype(energy, torch.float32)
-    y, cov, _ = observation(x64, argv, noise, sample.energy_mean(e64), seed)
+    y, cov, _ = observation(x64, argv, noise, aebm.energy_mean(e64), seed)
     x_hat64 = aebm.posterior_mean(e64, y, cov)
     x_hat32 = aebm.posterior_mean(e32, y.float(), cv.Covariance(cov.s.float(), cov.basis))
     return dict(psnr32=data.psnr(x_hat32.double(), x64).mean().item(),

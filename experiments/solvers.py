@@ -89,7 +89,7 @@ def run(energy, fitted, ds, exact, basis, n_obs=4, K=16, nfe=200, seed=0, out="r
     table = {}
     for t_i, name in enumerate(TASKS):
         args = task_args(name, basis, nfe)
-        y, cov, y_obs, task = sample.observe(args, x, sample.energy_mean(energy), torch.Generator().manual_seed(seed + t_i))
+        y, cov, y_obs, task = sample.observe(args, x, aebm.energy_mean(energy), torch.Generator().manual_seed(seed + t_i))
         y, y_obs, cov = y.float(), y_obs.float(), cv.Covariance(cov.s.float(), cov.basis)
         prob = sample.peer_problem(args, task, y_obs, cov, torch.float32)
         ref = exact_posterior(exact, y, cov) if exact is not None else None
@@ -146,7 +146,7 @@ def tune(ds, exact, basis, nfe=200, n=16, K=4, seed=1):
     chosen = {}
     for t_i, name in enumerate(TASKS):
         args = task_args(name, basis, nfe)
-        y, cov, y_obs, task = sample.observe(args, x, sample.energy_mean(exact), torch.Generator().manual_seed(seed + t_i))
+        y, cov, y_obs, task = sample.observe(args, x, aebm.energy_mean(exact), torch.Generator().manual_seed(seed + t_i))
         y_obs = y_obs.float()
         prob = sample.peer_problem(args, task, y_obs, cov, torch.float32)
         for peer, grid in sample.PEER_GRID.items():
