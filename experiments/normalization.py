@@ -13,7 +13,7 @@ for a trained model this script measures, on held-out images:
   - NLL in bits/dim against the exact NLL;
   - the fine-grid blind-noise curve (true sigma 0.1, box 8, 8 images) against the exact one.
 
-    python -m experiments.normalization --steps 2000          # dual and DSM-only, 16x16, small (README)
+    python -m experiments.normalization --steps 3000          # dual and DSM-only, 16x16, small (README)
     python -m experiments.normalization --ckpt dual=runs/x/ckpt.pt dsm=runs/y/ckpt.pt   # measure checkpoints
 
 It trains with train.py's real loop (dual and DSM-only with identical flags and seeds) and draws
@@ -141,7 +141,7 @@ def plot(res, path):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Offset of the learned energy across noise levels (Gaussian field).")
-    p.add_argument("--steps", type=int, default=2000, help="training steps per model")
+    p.add_argument("--steps", type=int, default=3000, help="training steps per model")
     p.add_argument("--ckpt", nargs="*", default=None, help="measure these checkpoints (NAME=PATH) instead of training")
     p.add_argument("--out", default="runs/normalization", help="run directories")
     p.add_argument("--plot", default="docs/normalization_offsets.png", help="figure")
