@@ -391,8 +391,8 @@ def draw_curves(log_path, out_path):
     t = [float(r["elapsed_s"]) / 60 for r in rows]
     curves = [(name, t, [float(r[f"psnr_{name}"]) - float(r[f"wiener_{name}"]) for r in rows])
               for name in ("denoise", "inpaint", "deblur", "sr")]
-    return data.save_line_plot(out_path, curves, title="EMA posterior mean, held-out images: dB above the fitted Wiener filter",
-                               xlabel="training time (min)", ylabel="PSNR - Wiener PSNR (dB)")
+    return data.save_line_plot(out_path, curves, title="held-out posterior means (EMA) vs fitted Wiener",
+                               xlabel="training time (min)", ylabel="dB above Wiener")
 
 
 # -----------------------------------------------------------------------------
