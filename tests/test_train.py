@@ -345,3 +345,19 @@ def test_cuda_without_a_gpu_is_refused_at_parse_time(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--device", "cuda"])
     assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
+    """--preset hour fills its defaults (a flag still wins), its variances are drawn from --s-range, and an
+    impossible range is refused at parse time naming the flag."""
+    args = train.parse_args(["--preset", "hour", "--steps", "7"])
+    assert (args.batch, args.steps, args.ema, args.s_range) == (16, 7, 0.999, (1e-4, 1e3))
+    assert train.parse_args([]).s_range == (cv.S_MIN, cv.S_MAX)  # the quick preset keeps the full range
+    g = torch.Generator().manual_seed(0)
+    groups = cv.sample_training_covariances((64, 1, 8, 8), "dct", 0.1, generator=g, **train.training_ranges(args))
+    s_min = min(cov.s.min().item() for _, cov in groups)
+    assert 1e-4 * (1 - 1e-6) <= s_min < 1e-2  # no variance below LO (spectral s = sigma_n^2 / a^2 >= sigma_n^2)
+    for bad in (["1", "0.1"], ["0", "1"], ["2", "5"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--s-range", *bad])
+        assert "--s-range must be" in capsys.readouterr().err
