@@ -132,7 +132,7 @@ def fig4_plot(energy, x, y, cov, y_obs, args, prob, nfe, K, seed, path):
     lp_t = (aebm.log_prob(energy, x.float()) / d).tolist()
     lq_t = (sample.log_posterior(energy, x.float(), y, cov) / d).tolist()
     groups.append(("truth", lp_t, lq_t, "x"))
-    kind = "exact" if isinstance(energy, aebm.GaussianEnergy) else "learned"
+    kind = "exact" if args.prior == "exact" else "learned"
     data.save_scatter_plot(path, groups, title=f"one observation: samples of each solver ({kind} densities)",
                            xlabel="log p(x) / d (nats)", ylabel="log p(x | y) / d (nats)")
 
