@@ -114,11 +114,12 @@ def run(energy, fitted, ds, exact, basis, n_obs=4, K=16, nfe=200, seed=0, out="r
         data.save_grid(os.path.join(out, f"{name.replace(' ', '_')}.png"), grid)
         table[name] = rows
         if fig4 and t_i == 0:
-            fig4_plot(energy, x[:1], y[:1], cov[:1], y_obs[:1], args, prob, nfe, K, seed, os.path.join(out, "fig4.png"))
+            kind = "exact" if energy is exact else "learned"
+            fig4_plot(energy, x[:1], y[:1], cov[:1], y_obs[:1], args, prob, nfe, K, seed, os.path.join(out, "fig4.png"), kind)
     return table
 
 
-def fig4_plot(energy, x, y, cov, y_obs, args, prob, nfe, K, seed, path):
+def fig4_plot(energy, x, y, cov, y_obs, args, prob, nfe, K, seed, path, kind="learned"):
     """The paper's Fig. 4 on any model: for one observation, log prior against log posterior (Bayes' rule
     with the normalized energy) of each solver's samples and of the truth."""
     groups = []
@@ -132,7 +133,6 @@ def fig4_plot(energy, x, y, cov, y_obs, args, prob, nfe, K, seed, path):
     lp_t = (aebm.log_prob(energy, x.float()) / d).tolist()
     lq_t = (sample.log_posterior(energy, x.float(), y, cov) / d).tolist()
     groups.append(("truth", lp_t, lq_t, "x"))
-    kind = "exact" if args.prior == "exact" else "learned"
     data.save_scatter_plot(path, groups, title=f"one observation: samples of each solver ({kind} densities)",
                            xlabel="log p(x) / d (nats)", ylabel="log p(x | y) / d (nats)")
 
