@@ -46,14 +46,14 @@ import nets
 # more than they save at batch 16), and TF32 keeps the energy ~15x closer to float32 (README, Benchmarks).
 PRESETS = {
     "quick": dict(config="small", batch=8, steps=400, lr=1e-3, warmup=50, decay="cosine", decay_every=0, ema=0.99,
-                  log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False, s_range=None),
+                  log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False),
     # About an hour on 2 CPU cores (README, Learning): twice the batch, ten times the steps, a slower EMA, and
     # training variances drawn from [1e-4, 1e3] instead of [1e-6, 1e3]: below 1e-4 (noise under 1% of the
     # signal range) the denoiser is nearly the identity and the draws teach restoration little.
     "hour": dict(config="small", batch=16, steps=3600, lr=1e-3, warmup=100, decay="cosine", decay_every=0, ema=0.999,
                  log_every=100, eval_every=600, ckpt_every=600, bf16=False, tf32=False, s_range=(1e-4, 1e3)),
     "imagenet64": dict(config="paper64", batch=128, steps=400_000, lr=2e-4, warmup=1000, decay="step", decay_every=100_000,
-                       ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=False, tf32=True, s_range=None),
+                       ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=False, tf32=True),
 }
 # Native image size and spectral basis per dataset (periodic data: fft; natural images: dct).
 DATASET_DEFAULTS = {
@@ -157,7 +157,7 @@ def check_flags(parser, args, integers):
 
 def training_ranges(args):
     """--s-range as the keyword arguments of cv.sample_training_covariances (spectral noise at most 1)."""
-    lo, hi = getattr(args, "s_range", (cv.S_MIN, cv.S_MAX))  # checkpoints from before the flag lack it
+    lo, hi = args.s_range
     return dict(s_range=(lo, hi), noise_range=(lo, min(hi, 1.0)))
 
 
@@ -326,8 +326,6 @@ def restoration_tasks(x, spectral_basis):
 def restoration_psnr(energy, wiener, x, spectral_basis, seed=0):
     """{task: (PSNR of the energy's posterior mean, PSNR of the Wiener filter, PSNR of the observation)}
     on the same images and noise (dB, mean over images)."""
-    import sample
-
     out = {}
     for i, (name, prob) in enumerate(restoration_tasks(x, spectral_basis)):
         y_obs = prob.measure(x, torch.Generator(x.device).manual_seed(seed + i))
