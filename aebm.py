@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn as nn
 
-from covariances import S_MIN, Covariance, from_basis, reflect_freq, to_basis, white_noise
+from covariances import S_MIN, Covariance, antithetic_partner, from_basis, reflect_freq, to_basis, white_noise
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -259,7 +259,8 @@ class CudaGraphEnergy:
 # -----------------------------------------------------------------------------
 # Dual score matching (docs/method.md §4).
 
-def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, dsm_weight=None):
+def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, dsm_weight=None,
+                      antithetic=False):
     """Per-image A-DSM and A-CSM losses for clean images x (B, C, H, W) under covariances cov.
     y = x + U^H(sqrt(s) zeta), zeta drawn here unless given (basis coordinates of white noise, as
     cov.sample returns them); returns (L_dsm, L_csm), each (B,) (L_csm is None if not need_csm).
@@ -269,9 +270,22 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
     x^_k by 1/s_k, so where a pixel is missing (s = 1e3 in training) an error of 0.3 costs 1e-4 and the
     network never learns to fill the hole; weighted, it costs ~1 there as everywhere else. Any weight
     that does not depend on y keeps the minimiser, x^_k = E[x_k | y] (tests/test_energy.py checks the
-    exact energy still minimises the weighted loss)."""
+    exact energy still minimises the weighted loss).
+
+    antithetic: every image is noised twice, with zeta and its antithetic twin
+    (covariances.antithetic_partner), and its losses are the mean of the two. Each twin has the law
+    of white noise, so the expected losses are unchanged (tests/test_energy.py checks them against
+    their closed form); the pair cancels most of the noise in the summed A-CSM target, which is what
+    the energy's offset across noise levels is learned from. It costs two evaluations per image."""
     if zeta is None:
         zeta = white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
+    if antithetic:
+        B = x.shape[0]
+        twins = Covariance(torch.cat([cov.s, cov.s]), cov.basis, check=False)
+        zeta = torch.cat([zeta, antithetic_partner(zeta)])
+        L_dsm, L_csm = dual_score_losses(energy, torch.cat([x, x]), twins, need_csm=need_csm, zeta=zeta,
+                                         dsm_weight=dsm_weight)
+        return (L_dsm[:B] + L_dsm[B:]) / 2, None if L_csm is None else (L_csm[:B] + L_csm[B:]) / 2
     # z = U y formed in the basis, never as pixels: a dropped frequency (s = 1e8) would put values
     # ~1e4 in every pixel and round away the informative coordinates' low noise in float32.
     z = cov.U(x) + cov.s.sqrt() * zeta
@@ -288,20 +302,21 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
     return L_dsm, L_csm
 
 
-def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, dsm_weight=None):
+def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, dsm_weight=None,
+                    antithetic=False):
     """L = L_DSM + lam L_CSM averaged over the batch (M8); lam = 0 is single (DSM-only) score matching.
     cov_groups: a Covariance for the whole batch, or the list of (slice, Covariance) groups that
     covariances.sample_training_covariances returns; zetas: optional noise per group (tests use it
-    to feed identical noise to different runs); dsm_weight: see dual_score_losses. Returns (L, L_dsm
-    mean, L_csm mean), the two parts detached for logging (L_csm is NaN when lam = 0: single score
-    matching never computes it)."""
+    to feed identical noise to different runs); dsm_weight, antithetic: see dual_score_losses.
+    Returns (L, L_dsm mean, L_csm mean), the two parts detached for logging (L_csm is NaN when
+    lam = 0: single score matching never computes it)."""
     if isinstance(cov_groups, Covariance):
         cov_groups = [(slice(0, x.shape[0]), cov_groups)]
     dsm, csm = [], []
     for i, (idx, cov) in enumerate(cov_groups):
         zeta = zetas[i] if zetas is not None else None
         L_dsm, L_csm = dual_score_losses(energy, x[idx], cov, generator, need_csm=lam != 0, zeta=zeta,
-                                         dsm_weight=dsm_weight)
+                                         dsm_weight=dsm_weight, antithetic=antithetic)
         dsm.append(L_dsm)
         csm.append(L_csm if L_csm is not None else torch.full_like(L_dsm, float("nan")))
     L_dsm, L_csm = torch.cat(dsm).mean(), torch.cat(csm).mean()

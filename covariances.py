@@ -88,6 +88,34 @@ def white_noise(shape, basis, generator=None, dtype=None, device="cpu"):
     return xi if basis != "fft" else to_basis(xi, basis)
 
 
+def chi2_quantile(p, dof, iters=100):
+    """x with P(chi^2_dof <= x) = p, by bisection on the regularized incomplete gamma function
+    (torch has the CDF, gammainc, but not its inverse). p: float64 tensor in (0, 1)."""
+    k = torch.full_like(p, dof / 2.0)
+    lo, hi = torch.zeros_like(p), torch.full_like(p, dof + 60.0 * math.sqrt(2.0 * dof) + 100.0)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        below = torch.special.gammainc(k, mid / 2) < p
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+def antithetic_partner(zeta):
+    """The antithetic twin of white noise zeta (basis coordinates, one image per row): the same
+    direction, with its squared radius r^2 = |zeta|^2 ~ chi^2_d mirrored through its quantile,
+    r'^2 = F^-1(1 - F(r^2)). The direction of white noise is uniform and independent of its radius,
+    and 1 - F(r^2) is uniform like F(r^2), so zeta' has exactly the law of zeta (unbiased losses),
+    while |zeta|^2 + |zeta'|^2 is nearly constant: the sum of the A-CSM targets
+    1/2 sum_k (1 - |zeta_k|^2), whose variance d/2 buries the small slope of the energy's offset at
+    low noise (docs/method.md §4), nearly cancels within a pair. U is unitary (fft "ortho"), so
+    |zeta|^2 = |xi|^2 for the real pixel noise xi and d is the pixel count in every basis."""
+    d = zeta[0].numel()
+    r2 = zeta.detach().abs().square().flatten(1).sum(1).double()
+    p_mirror = torch.special.gammaincc(torch.full_like(r2, d / 2.0), r2 / 2)  # 1 - F(r^2)
+    scale = (chi2_quantile(p_mirror, d) / r2).sqrt()
+    return zeta * scale.to(zeta.real.dtype).view(-1, *([1] * (zeta.dim() - 1)))
+
+
 def reflect_freq(s):
     """s[k] -> s[-k mod N] on the last two axes: the frequency index map k -> -k of the DFT."""
     return torch.roll(torch.flip(s, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))
@@ -397,13 +425,16 @@ def log_uniform(n, lo, hi, generator=None):
 
 
 def sample_training_covariances(shape, spectral_basis="fft", p_isotropic=0.1, s_range=(S_MIN, S_MAX),
-                                noise_range=(1e-6, 1.0), generator=None, dtype=None, device="cpu"):
+                                noise_range=(1e-6, 1.0), generator=None, dtype=None, device="cpu", p_hole=0.0):
     """Draw one covariance per image of a batch of `shape` (docs/method.md §2).
 
     Each image is, with probability 1/2, a pixel-basis mask (box or half, size uniform in 1..H,
     position uniform, s_in and s_out independent log-uniform in s_range), otherwise a spectral one
     in `spectral_basis` (blur with b ~ U[0.3, 3] px, or SR with r in {2, 4}; noise variance
     log-uniform in noise_range; s from M2). A fraction p_isotropic of all images is isotropic.
+    p_hole (aebm's addition, 0 by default): the fraction of masks drawn like an inpainting task, the
+    hole's variance log-uniform in [1, hi] and the observed pixels' in [lo, 1e-2]; independent draws
+    make that combination only ~8% of masks.
 
     A `Covariance` has one basis, so the batch comes back as a list of (slice, Covariance) groups:
     the pixel-basis images first, then the spectral ones. Callers evaluate each group and
@@ -430,6 +461,9 @@ def sample_training_covariances(shape, spectral_basis="fft", p_isotropic=0.1, s_
                 else:
                     missing = half_mask((1, 1, H, W), int(torch.randint(1, H + 1, (1,), generator=g)))
                 s_in, s_out = log_uniform(2, *s_range, g)
+                if p_hole > 0 and torch.rand(1, generator=g).item() < p_hole:  # (no draw when off)
+                    s_in = log_uniform(1, max(1.0, s_range[0]), s_range[1], g)[0]
+                    s_out = log_uniform(1, s_range[0], min(1e-2, s_range[1]), g)[0]
                 s[i] = torch.where(missing[0], s_in, s_out)
             else:
                 sigma2 = log_uniform(1, *noise_range, g).item()

@@ -46,14 +46,19 @@ import nets
 # more than they save at batch 16), and TF32 keeps the energy ~15x closer to float32 (README, Benchmarks).
 PRESETS = {
     "quick": dict(config="small", batch=8, steps=400, lr=1e-3, warmup=50, decay="cosine", decay_every=0, ema=0.99,
-                  log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False),
+                  log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False, dsm_weight="none"),
     # About an hour on 2 CPU cores (README, Learning): twice the batch, ten times the steps, a slower EMA, and
     # training variances drawn from [1e-4, 1e3] instead of [1e-6, 1e3]: below 1e-4 (noise under 1% of the
-    # signal range) the denoiser is nearly the identity and the draws teach restoration little.
+    # signal range) the denoiser is nearly the identity and the draws teach restoration little. And A-DSM
+    # weighted per coordinate by (s + sigma_d^2)/sigma_d^2 (--dsm-weight edm): M5 weighs the error of a
+    # dropped frequency (s = 1e8) by 1e-8, so nothing trained the SR fill and it drifted to -4.1 dB below
+    # Wiener; weighted, SR ends +0.6 dB above it (README, Learning).
     "hour": dict(config="small", batch=16, steps=3600, lr=1e-3, warmup=100, decay="cosine", decay_every=0, ema=0.999,
-                 log_every=100, eval_every=600, ckpt_every=600, bf16=False, tf32=False, s_range=(1e-4, 1e3)),
+                 log_every=100, eval_every=600, ckpt_every=600, bf16=False, tf32=False, s_range=(1e-4, 1e3),
+                 dsm_weight="edm"),
     "imagenet64": dict(config="paper64", batch=128, steps=400_000, lr=2e-4, warmup=1000, decay="step", decay_every=100_000,
-                       ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=False, tf32=True),
+                       ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=False, tf32=True,
+                       dsm_weight="none"),
 }
 # Native image size and spectral basis per dataset (periodic data: fft; natural images: dct).
 DATASET_DEFAULTS = {
@@ -82,10 +87,20 @@ def parse_args(argv=None):
     p.add_argument("--s-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help=f"range of the log-uniform training variances (default {cv.S_MIN:g} {cv.S_MAX:g}; noise of "
                         "spectral draws up to min(HI, 1))")
+    p.add_argument("--spectral-noise-max", type=float, default=1.0,
+                   help="largest noise variance of the blur/SR training draws (log-uniform from LO of --s-range); "
+                        "above 1 the spectral families reach M3's s -> infinity anchor along their own noise axis")
+    p.add_argument("--p-hole", type=float, default=0.0,
+                   help="fraction of training masks drawn like inpainting: hole variance in [1, HI], observed in "
+                        "[LO, 1e-2] (cv.sample_training_covariances); 0: independent draws, as in the paper")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the A-CSM loss (M8); 0 = DSM-only")
-    p.add_argument("--dsm-weight", default="none", choices=["none", "edm"],
+    p.add_argument("--dsm-weight", default=None, choices=["none", "edm"],
                    help="edm: weight A-DSM's coordinates by (s + sigma_d^2)/sigma_d^2, so that missing pixels count "
-                        "(aebm.dual_score_losses); none: M5 as written")
+                        "(aebm.dual_score_losses); none: M5 as written (preset: edm for hour, else none)")
+    p.add_argument("--antithetic", type=int, default=0, choices=[0, 1],
+                   help="1: noise every image twice, with zeta and its antithetic twin (equal law, the A-CSM "
+                        "target's sum nearly cancels: a flatter offset across noise levels); twice the cost per "
+                        "image, so halve --batch for equal compute")
     p.add_argument("--batch", type=int, default=None, help="global batch size, split over ranks")
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate after warm-up")
@@ -132,6 +147,7 @@ def parse_args(argv=None):
     for flag, value, ok, what in [("--lr", args.lr, args.lr > 0, "positive"), ("--clip", args.clip, args.clip > 0, "positive"),
                                   ("--ema", args.ema, 0 <= args.ema < 1, "in [0, 1)"),
                                   ("--p-iso", args.p_iso, 0 <= args.p_iso <= 1, "in [0, 1]"),
+                                  ("--p-hole", args.p_hole, 0 <= args.p_hole <= 1, "in [0, 1]"),
                                   ("--lam", args.lam, args.lam >= 0, "0 or more"),
                                   ("--dropout", args.dropout, 0 <= args.dropout < 1, "in [0, 1)")]:
         if not (math.isfinite(value) and ok):
@@ -140,6 +156,8 @@ def parse_args(argv=None):
     lo, hi = args.s_range
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi and lo < 1):
         p.error(f"--s-range must be two variances 0 < LO < HI with LO < 1, got {lo:g} {hi:g}")
+    if not (math.isfinite(args.spectral_noise_max) and args.spectral_noise_max > lo):
+        p.error(f"--spectral-noise-max must be above LO of --s-range ({lo:g}), got {args.spectral_noise_max:g}")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     return args
@@ -156,9 +174,11 @@ def check_flags(parser, args, integers):
 # Pieces of the loop.
 
 def training_ranges(args):
-    """--s-range as the keyword arguments of cv.sample_training_covariances (spectral noise at most 1)."""
+    """--s-range, --spectral-noise-max and --p-hole as keyword arguments of cv.sample_training_covariances
+    (spectral noise variance from LO to min(HI, --spectral-noise-max))."""
     lo, hi = args.s_range
-    return dict(s_range=(lo, hi), noise_range=(lo, min(hi, 1.0)))
+    noise_max = min(hi, getattr(args, "spectral_noise_max", 1.0))
+    return dict(s_range=(lo, hi), noise_range=(lo, noise_max), p_hole=getattr(args, "p_hole", 0.0))
 
 
 def learning_rate(step, args):
@@ -209,9 +229,9 @@ def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None
     params = [p for p in energy.parameters() if p.requires_grad]
     opt.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16) and x.device.type == "cuda"):
-        weight = energy.data_var if getattr(args, "dsm_weight", "none") == "edm" else None
+        weight = energy.data_var if getattr(args, "dsm_weight", None) == "edm" else None
         L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas,
-                                               dsm_weight=weight)
+                                               dsm_weight=weight, antithetic=bool(getattr(args, "antithetic", 0)))
     L.backward()
     average_gradients(params, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)

@@ -5,16 +5,19 @@ images and noise (README, Learning).
 
     python -m experiments.learning --ckpt runs/quick/ckpt.pt
     python -m experiments.learning --ckpt runs/hour/ckpt.pt --n 64
+    python -m experiments.learning --compare edm=runs/hour/log.csv M5=runs/m5/log.csv --tasks denoise sr
 
 Prints, in float32 (what users run): the posterior-mean PSNR of the model, of the fitted Wiener
 filter and of the observation for denoising (sigma 0.1), box inpainting (half the size, sigma 0.05),
 deblurring (b = 1.5, sigma 0.05) and SR x2 (sigma 0.05); blind inpainting accuracy (each image on
 its own: box 1/4, 1/2, 3/4 of the size x noise 0.02, 0.05, 0.1) and blind deblurring accuracy (blur
 1, 1.5, 2 px x noise 0.02, 0.05, 0.1), the truth being one of the candidates. It also redraws the
-run's learning curves (OUT/curves.png) from its log.csv.
+run's learning curves (OUT/curves.png) from its log.csv. --compare draws several runs' curves in one
+figure against training steps (wall time differs between runs and machines; steps do not).
 """
 
 import argparse
+import csv
 import os
 
 import torch
@@ -61,11 +64,36 @@ def print_table(res, label):
     print(f"blind inpainting accuracy {res['blind_inpaint']:.2f}; blind deblurring accuracy {res['blind_deblur']:.2f}")
 
 
+def compare_curves(runs, tasks, out):
+    """dB above Wiener against step for each (name, log.csv) in runs and each task: one figure."""
+    curves = []
+    for name, path in runs:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == "val" and r.get("psnr_denoise")]
+        if not rows:
+            raise SystemExit(f"{path} holds no restoration validation rows: train with --val-restore 1")
+        steps = [float(r["step"]) for r in rows]
+        curves += [(f"{task} ({name})", steps, [float(r[f"psnr_{task}"]) - float(r[f"wiener_{task}"]) for r in rows])
+                   for task in tasks]
+    return data.save_line_plot(out, curves, title="held-out posterior means (EMA) vs fitted Wiener",
+                               xlabel="training step", ylabel="dB above Wiener")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="A checkpoint against the fitted Wiener filter and the observation.")
     p.add_argument("--ckpt", default="runs/quick/ckpt.pt", help="checkpoint of train.py")
     p.add_argument("--n", type=int, default=32, help="held-out images")
+    p.add_argument("--compare", nargs="*", default=None, metavar="NAME=LOG",
+                   help="instead: draw these runs' log.csv curves against step in one figure (--plot)")
+    p.add_argument("--tasks", nargs="*", default=["denoise", "inpaint", "deblur", "sr"], help="with --compare")
+    p.add_argument("--plot", default="runs/learning_compare.png", help="with --compare: the figure")
     a = p.parse_args()
+    if a.compare is not None:
+        runs = [item.split("=", 1) for item in a.compare]
+        if any(len(r) != 2 for r in runs):
+            raise SystemExit("--compare takes NAME=PATH/log.csv items, e.g. edm=runs/hour/log.csv")
+        print("figure:", compare_curves(runs, a.tasks, a.plot))
+        raise SystemExit(0)
     print_table(evaluate(a.ckpt, a.n), a.ckpt)
     curves = train.draw_curves(os.path.join(os.path.dirname(a.ckpt), "log.csv"),
                                os.path.join(os.path.dirname(a.ckpt), "curves.png"))

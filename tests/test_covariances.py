@@ -194,6 +194,28 @@ def test_training_distribution_draws_valid_covariances():
     assert all(cov.s.dtype == torch.get_default_dtype() for _, cov in groups)
 
 
+def test_p_hole_draws_inpainting_like_masks_and_zero_leaves_the_stream_unchanged():
+    """--p-hole: the share of masks with one region's variance above 1 and the other's below 1e-2 (a
+    hole, or its complement, observed) rises from 2 (3/7)(2/7) = 0.245 for independent log-uniform draws
+    in [1e-4, 1e3] to p_hole 7/8 + (1 - p_hole) 0.245 (a box or half of the full size, 1 in 8, leaves
+    nothing observed); p_hole = 0 draws nothing extra."""
+    shape = (1000, 1, 8, 8)
+    def task_like(p_hole, seed=0):
+        groups = cv.sample_training_covariances(shape, "dct", p_isotropic=0.0, s_range=(1e-4, 1e3),
+                                                generator=torch.Generator().manual_seed(seed), p_hole=p_hole)
+        s = [cov.s for _, cov in groups if cov.basis == "pixel"][0].flatten(1)
+        return ((s.amax(1) > 1) & (s.amin(1) < 1e-2)).float().mean().item(), groups
+    plain, groups0 = task_like(0.0)
+    assert abs(plain - 0.245) < 0.06  # ~500 masks: standard error 0.02
+    boosted, _ = task_like(0.5)
+    assert abs(boosted - (0.5 * 7 / 8 + 0.5 * 0.245)) < 0.06
+    # p_hole = 0 gives exactly the draws of the default call (resumed runs and old results unchanged)
+    default = cv.sample_training_covariances(shape, "dct", p_isotropic=0.0, s_range=(1e-4, 1e3),
+                                             generator=torch.Generator().manual_seed(0))
+    for (_, a), (_, b) in zip(groups0, default):
+        torch.testing.assert_close(a.s, b.s, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda: cv.Covariance(torch.zeros(1, 1, 2, 2), "pixel"), "positive"),
     (lambda: cv.Covariance(-torch.ones(1, 1, 2, 2), "pixel"), "positive"),

@@ -351,8 +351,9 @@ def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
     """--preset hour fills its defaults (a flag still wins), its variances are drawn from --s-range, and an
     impossible range is refused at parse time naming the flag."""
     args = train.parse_args(["--preset", "hour", "--steps", "7"])
-    assert (args.batch, args.steps, args.ema, args.s_range) == (16, 7, 0.999, (1e-4, 1e3))
+    assert (args.batch, args.steps, args.ema, args.s_range, args.dsm_weight) == (16, 7, 0.999, (1e-4, 1e3), "edm")
     assert train.parse_args([]).s_range == (cv.S_MIN, cv.S_MAX)  # the quick preset keeps the full range
+    assert train.parse_args([]).dsm_weight == "none" and train.parse_args(["--preset", "hour", "--dsm-weight", "none"]).dsm_weight == "none"
     g = torch.Generator().manual_seed(0)
     groups = cv.sample_training_covariances((64, 1, 8, 8), "dct", 0.1, generator=g, **train.training_ranges(args))
     s_min = min(cov.s.min().item() for _, cov in groups)
@@ -361,3 +362,19 @@ def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
         with pytest.raises(SystemExit):
             train.parse_args(["--s-range", *bad])
         assert "--s-range must be" in capsys.readouterr().err
+
+
+def test_spectral_noise_max_reaches_the_anchor_and_bad_values_are_refused(capsys):
+    """--spectral-noise-max 1e3: blur/SR draws reach noise variances above 1 (where every coordinate's
+    s is large and M3's anchor holds); the default keeps them at most 1; below LO is refused."""
+    def largest_spectral_min_s(argv):
+        args = train.parse_args(argv)
+        groups = cv.sample_training_covariances((200, 1, 8, 8), "dct", 0.0, generator=torch.Generator().manual_seed(0),
+                                                **train.training_ranges(args))
+        s = [cov.s for _, cov in groups if cov.basis == "dct"][0]
+        return s.flatten(1).amin(1).max().item()  # the noisiest draw's smallest variance (= its sigma_n^2)
+    assert largest_spectral_min_s([]) <= 1.0 + 1e-6
+    assert largest_spectral_min_s(["--spectral-noise-max", "1e3"]) > 10.0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--s-range", "1e-4", "1e3", "--spectral-noise-max", "1e-5"])
+    assert "--spectral-noise-max must be above LO" in capsys.readouterr().err
