@@ -460,10 +460,11 @@ def sample_training_covariances(shape, spectral_basis="fft", p_isotropic=0.1, s_
                     missing = box_mask((1, 1, H, W), size, top, left)
                 else:
                     missing = half_mask((1, 1, H, W), int(torch.randint(1, H + 1, (1,), generator=g)))
-                s_in, s_out = log_uniform(2, *s_range, g)
                 if p_hole > 0 and torch.rand(1, generator=g).item() < p_hole:  # (no draw when off)
                     s_in = log_uniform(1, max(1.0, s_range[0]), s_range[1], g)[0]
                     s_out = log_uniform(1, s_range[0], min(1e-2, s_range[1]), g)[0]
+                else:
+                    s_in, s_out = log_uniform(2, *s_range, g)
                 s[i] = torch.where(missing[0], s_in, s_out)
             else:
                 sigma2 = log_uniform(1, *noise_range, g).item()

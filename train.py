@@ -86,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--p-iso", type=float, default=0.1, help="fraction of isotropic training covariances")
     p.add_argument("--s-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help=f"range of the log-uniform training variances (default {cv.S_MIN:g} {cv.S_MAX:g}; noise of "
-                        "spectral draws up to min(HI, 1))")
+                        "spectral draws up to min(HI, --spectral-noise-max))")
     p.add_argument("--spectral-noise-max", type=float, default=1.0,
                    help="largest noise variance of the blur/SR training draws (log-uniform from LO of --s-range); "
                         "above 1 the spectral families reach M3's s -> infinity anchor along their own noise axis")
@@ -177,8 +177,7 @@ def training_ranges(args):
     """--s-range, --spectral-noise-max and --p-hole as keyword arguments of cv.sample_training_covariances
     (spectral noise variance from LO to min(HI, --spectral-noise-max))."""
     lo, hi = args.s_range
-    noise_max = min(hi, getattr(args, "spectral_noise_max", 1.0))
-    return dict(s_range=(lo, hi), noise_range=(lo, noise_max), p_hole=getattr(args, "p_hole", 0.0))
+    return dict(s_range=(lo, hi), noise_range=(lo, min(hi, args.spectral_noise_max)), p_hole=args.p_hole)
 
 
 def learning_rate(step, args):
@@ -229,9 +228,9 @@ def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None
     params = [p for p in energy.parameters() if p.requires_grad]
     opt.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16) and x.device.type == "cuda"):
-        weight = energy.data_var if getattr(args, "dsm_weight", None) == "edm" else None
+        weight = energy.data_var if args.dsm_weight == "edm" else None
         L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas,
-                                               dsm_weight=weight, antithetic=bool(getattr(args, "antithetic", 0)))
+                                               dsm_weight=weight, antithetic=bool(args.antithetic))
     L.backward()
     average_gradients(params, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
