@@ -354,6 +354,9 @@ def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
     assert (args.batch, args.steps, args.ema, args.s_range, args.dsm_weight) == (16, 7, 0.999, (1e-4, 1e3), "edm")
     assert train.parse_args([]).s_range == (cv.S_MIN, cv.S_MAX)  # the quick preset keeps the full range
     assert train.parse_args([]).dsm_weight == "none" and train.parse_args(["--preset", "hour", "--dsm-weight", "none"]).dsm_weight == "none"
+    assert args.p_hole == 0.5 and train.training_ranges(args)["p_hole"] == 0.5  # inpainting-like masks, hour only
+    assert train.parse_args([]).p_hole == 0.0 and train.parse_args(["--dataset", "imagenet64"]).p_hole == 0.0
+    assert train.parse_args(["--preset", "hour", "--p-hole", "0"]).p_hole == 0.0
     g = torch.Generator().manual_seed(0)
     groups = cv.sample_training_covariances((64, 1, 8, 8), "dct", 0.1, generator=g, **train.training_ranges(args))
     s_min = min(cov.s.min().item() for _, cov in groups)
