@@ -13,7 +13,7 @@ for a trained model this script measures, on held-out images:
   - NLL in bits/dim against the exact NLL;
   - the fine-grid blind-noise curve (true sigma 0.1, box 8, 8 images) against the exact one.
 
-    python -m experiments.normalization --steps 3000          # dual and DSM-only, 16x16, small (README)
+    python -m experiments.normalization                       # dual and DSM-only, 16x16, small (README)
     python -m experiments.normalization --ckpt dual=runs/x/ckpt.pt dsm=runs/y/ckpt.pt   # measure checkpoints
 
 It trains with train.py's real loop (dual and DSM-only with identical flags and seeds) and draws
@@ -50,16 +50,20 @@ def exact64(prior):
 
 
 def family_covariances(shape):
-    """(name, covariance) of the anisotropic families, all at once."""
+    """(name, covariance) of the anisotropic families, all at once: box masks; blur (b = 1) along its noise
+    axis; SR x2 as M2 gives it (dropped frequencies at S_HUGE, as in training) and, once, with the dropped
+    frequencies at s = 1e3 instead, a covariance training never draws for SR (README, Normalization)."""
     B, C, H, W = shape
     box = cv.box_mask(shape, H // 2)
     out = [(f"box, observed sigma^2 {s:g}", cv.mask_covariance(box, 1.0, s, C, dtype=torch.float64))
            for s in (1e-4, 1e-2, 1.0)]
+    for s in (1e-6, 1e-4, 1e-3, 1e-2, 1e-1):
+        out.append((f"blur b=1, sigma_n^2 {s:g}", cv.blur_problem(shape, 1.0, math.sqrt(s), "fft",
+                                                                   dtype=torch.float64).covariance()))
     for s in (1e-4, 1e-2):
-        blur = cv.blur_problem(shape, 1.0, math.sqrt(s), "fft", dtype=torch.float64).covariance()
-        sr = cv.sr_problem(shape, 2, math.sqrt(s), "fft", dtype=torch.float64).covariance()
-        out += [(f"blur b=1, sigma_n^2 {s:g}", cv.Covariance(blur.s.clamp(max=1e3), "fft")),
-                (f"SR x2, sigma_n^2 {s:g}", cv.Covariance(sr.s.clamp(max=1e3), "fft"))]
+        out.append((f"SR x2, sigma_n^2 {s:g}", cv.sr_problem(shape, 2, math.sqrt(s), "fft", dtype=torch.float64).covariance()))
+    sr = cv.sr_problem(shape, 2, 1e-2, "fft", dtype=torch.float64).covariance()
+    out.append(("SR x2, sigma_n^2 1e-4, dropped at 1e3", cv.Covariance(sr.s.clamp(max=1e3), "fft")))
     return out
 
 
@@ -141,11 +145,12 @@ def plot(res, path):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Offset of the learned energy across noise levels (Gaussian field).")
-    p.add_argument("--steps", type=int, default=3000, help="training steps per model")
+    p.add_argument("--steps", type=int, default=4000, help="training steps per model (4000: ~30 min for dual on 2 cores)")
     p.add_argument("--ckpt", nargs="*", default=None, help="measure these checkpoints (NAME=PATH) instead of training")
     p.add_argument("--out", default="runs/normalization", help="run directories")
     p.add_argument("--plot", default="docs/normalization_offsets.png", help="figure")
-    p.add_argument("--extra", default="", help="more train.py flags, for both models (quoted)")
+    p.add_argument("--extra", default="--spectral-noise-max 1e3",
+                   help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3, README)")
     a = p.parse_args()
     if a.ckpt:
         models = {c.split("=")[0]: train.load_energy(c.split("=", 1)[1])[0] for c in a.ckpt}
