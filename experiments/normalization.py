@@ -60,10 +60,9 @@ def family_covariances(shape):
     for s in (1e-6, 1e-4, 1e-3, 1e-2, 1e-1):
         out.append((f"blur b=1, sigma_n^2 {s:g}", cv.blur_problem(shape, 1.0, math.sqrt(s), "fft",
                                                                    dtype=torch.float64).covariance()))
-    for s in (1e-4, 1e-2):
-        out.append((f"SR x2, sigma_n^2 {s:g}", cv.sr_problem(shape, 2, math.sqrt(s), "fft", dtype=torch.float64).covariance()))
-    sr = cv.sr_problem(shape, 2, 1e-2, "fft", dtype=torch.float64).covariance()
-    out.append(("SR x2, sigma_n^2 1e-4, dropped at 1e3", cv.Covariance(sr.s.clamp(max=1e3), "fft")))
+    sr = {s: cv.sr_problem(shape, 2, math.sqrt(s), "fft", dtype=torch.float64).covariance() for s in (1e-4, 1e-2)}
+    out += [(f"SR x2, sigma_n^2 {s:g}", cov) for s, cov in sr.items()]
+    out.append(("SR x2, sigma_n^2 1e-4, dropped at 1e3", cv.Covariance(sr[1e-4].s.clamp(max=1e3), "fft")))
     return out
 
 
