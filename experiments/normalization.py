@@ -51,8 +51,9 @@ def exact64(prior):
 
 def family_covariances(shape):
     """(name, covariance) of the anisotropic families, all at once: box masks; blur (b = 1) along its noise
-    axis; SR x2 as M2 gives it (dropped frequencies at S_HUGE, as in training) and, once, with the dropped
-    frequencies at s = 1e3 instead, a covariance training never draws for SR (README, Normalization)."""
+    axis, and across widths at sigma_n^2 = 1e-2; SR x2 as M2 gives it (dropped frequencies at S_HUGE, as in
+    training) and, once, with the dropped frequencies at s = 1e3 instead, a covariance training never draws
+    for SR (README, Normalization)."""
     B, C, H, W = shape
     box = cv.box_mask(shape, H // 2)
     out = [(f"box, observed sigma^2 {s:g}", cv.mask_covariance(box, 1.0, s, C, dtype=torch.float64))
@@ -60,6 +61,8 @@ def family_covariances(shape):
     for s in (1e-6, 1e-4, 1e-3, 1e-2, 1e-1):
         out.append((f"blur b=1, sigma_n^2 {s:g}", cv.blur_problem(shape, 1.0, math.sqrt(s), "fft",
                                                                    dtype=torch.float64).covariance()))
+    for b in (0.5, 1.5, 2.0, 3.0):  # across widths at sigma_n^2 = 1e-2 (what blind deblurring compares)
+        out.append((f"blur b={b:g}, sigma_n^2 0.01", cv.blur_problem(shape, b, 0.1, "fft", dtype=torch.float64).covariance()))
     sr = {s: cv.sr_problem(shape, 2, math.sqrt(s), "fft", dtype=torch.float64).covariance() for s in (1e-4, 1e-2)}
     out += [(f"SR x2, sigma_n^2 {s:g}", cov) for s, cov in sr.items()]
     out.append(("SR x2, sigma_n^2 1e-4, dropped at 1e3", cv.Covariance(sr[1e-4].s.clamp(max=1e3), "fft")))
@@ -148,8 +151,9 @@ if __name__ == "__main__":
     p.add_argument("--ckpt", nargs="*", default=None, help="measure these checkpoints (NAME=PATH) instead of training")
     p.add_argument("--out", default="runs/normalization", help="run directories")
     p.add_argument("--plot", default="docs/normalization_offsets.png", help="figure")
-    p.add_argument("--extra", default="--spectral-noise-max 1e3",
-                   help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3, README)")
+    p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999",
+                   help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3 and an "
+                        "EMA over ~1000 steps, README)")
     a = p.parse_args()
     if a.ckpt:
         models = {c.split("=")[0]: train.load_energy(c.split("=", 1)[1])[0] for c in a.ckpt}
