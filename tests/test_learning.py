@@ -5,20 +5,21 @@ noise levels), and the same prior with a normalization error of the sign the lea
 
 import torch
 
+import aebm
 import data
 from experiments.learning import blind_deblurring_accuracy
 
 
 class Tilted:
-    """The exact energy plus alpha nats per coordinate times the mean log-variance: lower for smaller
-    variances, i.e. for narrower blurs at a given noise, like the learned models' offsets."""
+    """The exact energy plus alpha nats per coordinate times the mean log-variance (alpha times the sum of
+    log s): lower for smaller variances, i.e. for narrower blurs at a given noise, like the learned
+    models' offsets."""
 
     def __init__(self, prior, alpha):
         self.prior, self.alpha, self.mean = prior, alpha, prior.mean
 
     def energy_z(self, z, cov):
-        d = cov.s[0].numel()
-        return self.prior.energy_z(z, cov) + self.alpha * d * cov.s.double().clamp(max=1e3).log().flatten(1).mean(1)
+        return self.prior.energy_z(z, cov) + self.alpha * aebm.sum_coords(cov.s.double().clamp(max=1e3).log())
 
 
 def test_blind_deblurring_accuracy_exact_prior_and_a_misnormalized_one():
