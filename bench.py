@@ -13,7 +13,8 @@ ratio (machines are shared and noisy: their drift between rounds cancels within 
   (a) a score-model step: the UNet as a plain denoiser (predict the noise, MSE, backward);
   (b) an energy step with A-DSM only (M5): one extra backward for dE/dz, create_graph=True;
   (c) an energy step with both losses (M8): dE/dz and dE/dlog s from the same autograd call;
-and prints b/a, c/a, c/b (the paper reports c/a ~ 3.75 and c/b ~ 1.07 on GPUs).
+and prints b/a, c/a, c/b (the paper reports c/a ~ 3.75 and c/b ~ 1.07 on GPUs), and the kernels each
+step dispatches (bench.operators_per_call).
 
 --suite gpu runs, with the device's name:
   1. the paper64 training step at the paper's per-GPU batch (16), bf16 autocast, TF32, channels_last:
@@ -101,6 +102,24 @@ def interleaved(fns, device, rounds, warmup, per_round=None):
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def operators_per_call(fn):
+    """Operators one call of fn dispatches (after autograd and autocast, so every backward counted),
+    as (all, kernels): kernels leaves out the views (view, transpose, select, ...), which launch nothing.
+    Exact and noise-free on any machine; on an H100 at the paper's per-GPU batch the training step's time
+    ratios followed them (the step is dispatch-bound there; README, Benchmarks)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[func.is_view] += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {True: 0, False: 0}
+    with Count():
+        fn()
+    return counts[True] + counts[False], counts[False]
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -129,13 +148,14 @@ def build_energy(config, size, channels, device, channels_last=False, random_out
 def train_step_times(config, size, channels, batch, device, bf16, channels_last, rounds, warmup, seed=0):
     energy = build_energy(config, size, channels, device, channels_last, seed=seed)
     net = energy.net
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)  # as train.py
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     shape = (batch, channels, size, size)
     x = torch.rand(shape, device=device)
     groups = cv.sample_training_covariances(shape, "fft", generator=torch.Generator().manual_seed(seed), device=device)
 
     def score_step():  # (a) the same UNet as a plain denoiser: predict zeta from the whitened y
+        nets.set_second_order(net, False)  # never differentiated twice: torch's own GroupNorm and SiLU
         opt.zero_grad(set_to_none=True)
         loss = 0
         for idx, cov in groups:
@@ -147,6 +167,7 @@ def train_step_times(config, size, channels, batch, device, bf16, channels_last,
             loss = loss + (cov.U(pred.float()) - zeta).abs().square().sum() / x.numel()
         loss.backward()
         opt.step()
+        nets.set_second_order(net, True)
 
     def energy_step(lam):  # (b) lam = 0, (c) lam = 1
         def step():
@@ -160,6 +181,8 @@ def train_step_times(config, size, channels, batch, device, bf16, channels_last,
     fns = {"a": score_step, "b": energy_step(0.0), "c": energy_step(1.0)}
     times = {}
     out = interleaved(fns, device, rounds, warmup, per_round=times)
+    for k, f in fns.items():
+        out[f"ops_{k}"], out[f"kernels_{k}"] = operators_per_call(f)
     # The ratios are medians of each round's own ratio: a round times a, b, c back to back, so the machine's
     # drift between rounds (10-20% on a shared CPU) cancels; a ratio of medians mixes rounds.
     t = {k: np.array(v) for k, v in times.items()}
@@ -181,6 +204,11 @@ def print_train(t, what):
         print(f"  ({k}) {name:13s} {1e3 * t[k]:8.1f} ms/step{mem}")
     print(f"  ratios (median over rounds): b/a = {t['b/a']:.2f}   c/a = {t['c/a']:.2f}   c/b = {t['c/b']:.3f}   "
           f"(paper: c/a ~ 3.75, c/b ~ 1.07; goals: c/a <= 2.5, c/b <= 1.03 on GPU; <= 2.3, <= 1.05 on CPU)")
+    if "kernels_a" in t:
+        k = [t[f"kernels_{x}"] for x in "abc"]
+        print(f"  operators per step (non-view, exact): {k[0]} / {k[1]} / {k[2]}   ratios b/a = {k[1] / k[0]:.2f}   "
+              f"c/a = {k[2] / k[0]:.2f}   c/b = {k[2] / k[1]:.3f}   (all, with views: "
+              f"{' / '.join(str(t[f'ops_{x}']) for x in 'abc')})")
 
 
 # -----------------------------------------------------------------------------

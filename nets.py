@@ -36,9 +36,13 @@ level from one projection of the pooled features. The paper's 512-channel embedd
 the MLP and the gains is left out: two linear maps in a row are one linear map of the same rank
 (at most emb_hidden), computed here at a quarter of the cost at full resolution.
 
-Everything here is twice differentiable (training differentiates dE/dy again). Attention is an
-explicit softmax: torch's scaled_dot_product_attention picks fused kernels (flash on CPU; flash
-or memory-efficient on CUDA) whose backward has no derivative, so create_graph=True fails there.
+Everything here is twice differentiable (training differentiates dE/dy again). GroupNorm and SiLU
+keep their native first backward and bring their second derivative written out (a few lines of
+algebra each, below): torch's own versions of both become ~20 small operations under
+create_graph=True, and the energy step dispatched 38% fewer operators without them (README,
+Benchmarks). Attention is an explicit softmax: torch's scaled_dot_product_attention picks fused
+kernels (flash on CPU; flash or memory-efficient on CUDA) whose backward has no derivative, so
+create_graph=True fails there.
 """
 
 import math
@@ -64,8 +68,179 @@ N_FREQS = 6  # sinusoidal frequencies per log-variance
 SPECTRAL_SCALE = 5.0  # log-variance deviations (up to ~20 in a spectrum) scaled to O(1) before gating
 
 
+# -----------------------------------------------------------------------------
+# GroupNorm and SiLU with explicit second derivatives.
+#
+# Training differentiates dE/dy again (create_graph=True). For that torch replaces GroupNorm's one
+# native backward kernel by a composite of ~20 differentiable operations, and the second backward
+# then differentiates every one of them. Here the first backward stays the native kernel, and its
+# own derivative is written out below (tests/test_nets.py checks it against torch's composite with
+# gradgradcheck). Per group of N = C/G * H * W values, with x^ = (x - mean) r, r = 1/sqrt(var + eps),
+# P(v) = v - mean(v) - x^ mean(v x^) (a symmetric projection), h = weight * gy:
+#
+#   first backward:   gx = r P(h),   gweight = sum gy x^,   gbias = sum gy
+#   its derivative, for upstream gradients a (of gx), a_w (of gweight), a_b (of gbias):
+#     d/dgy     = weight r P(a) + a_w x^ + a_b
+#     d/dweight = sum gy r P(a)
+#     d/dx      = r P(q) - (r^2 / N) x^ sum(h P(a)),   q = a_w gy - r (mean(h x^) a + mean(a x^) h)
+#   (from dx^ = r P(dx) and dr = -r^2 mean(x^ dx)).
+
+class GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        B, C = x.shape[:2]
+        ctx.memory_format = dense_format(x)  # GroupNorm.forward made x dense; gy must be dense the same way
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, B, C, x[0, 0].numel(), groups, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.groups = groups
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        gy = gy.contiguous(memory_format=ctx.memory_format)
+        if not torch.is_grad_enabled():  # a first-order backward (no create_graph): the native kernel alone
+            return (*GroupNormBackward.native(gy, x, weight, mean, rstd, ctx.groups), None, None)
+        gx, gweight, gbias = GroupNormBackward.apply(gy, x, weight, mean, rstd, ctx.groups)
+        return gx, gweight, gbias, None, None
+
+
+class GroupNormBackward(torch.autograd.Function):
+    """The first backward (native kernel) as a function of (gy, x, weight), with the derivative above."""
+
+    @staticmethod
+    def native(gy, x, weight, mean, rstd, groups):
+        B, C = x.shape[:2]
+        return torch.ops.aten.native_group_norm_backward(gy, x, mean, rstd, weight, B, C, x[0, 0].numel(), groups,
+                                                         [True, True, True])
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, mean, rstd, groups):
+        out = GroupNormBackward.native(gy, x, weight, mean, rstd, groups)
+        ctx.save_for_backward(gy, x, weight, mean, rstd)
+        ctx.groups = groups
+        ctx.set_materialize_grads(False)  # gweight and gbias usually get no gradient: None, not zeros
+        return out
+
+    @staticmethod
+    def backward(ctx, a, a_w, a_b):
+        gy, x, weight, mean, rstd = ctx.saved_tensors
+        B, C, H, W = x.shape
+        G = ctx.groups
+        shape = (B, G, C // G, H, W)  # each group's values along the last three dimensions
+
+        def mean_g(t):  # per-group mean, kept broadcastable: (B, G, 1, 1, 1)
+            return t.mean(dim=(2, 3, 4), keepdim=True)
+
+        def P(v, v_xh=None):  # v - mean(v) - x^ mean(v x^), given mean(v x^) when it is already known
+            return v - mean_g(v) - xh * (mean_g(v * xh) if v_xh is None else v_xh)
+
+        r = rstd.view(B, G, 1, 1, 1)
+        xh = (x.reshape(shape) - mean.view(B, G, 1, 1, 1)) * r
+        w = weight.view(1, G, C // G, 1, 1)
+        gy = gy.reshape(shape)
+        h = w * gy
+        a = torch.zeros_like(xh) if a is None else a.reshape(shape)
+        a_xh = mean_g(a * xh)
+        Pa = P(a, a_xh)
+        g_gy = w * r * Pa
+        g_weight = (gy * r * Pa).sum(dim=(0, 3, 4))
+        q = -r * (mean_g(h * xh) * a + a_xh * h)
+        if a_w is not None:
+            a_w = a_w.view(1, G, C // G, 1, 1)
+            g_gy = g_gy + a_w * xh
+            q = q + a_w * gy
+        if a_b is not None:
+            g_gy = g_gy + a_b.view(1, G, C // G, 1, 1)
+        S = (Pa * h).sum(dim=(2, 3, 4), keepdim=True)  # sum a P(h) = sum P(a) h: P is symmetric
+        g_x = r * P(q) - (r * r * S / xh[0, 0].numel()) * xh
+        return g_gy.reshape(B, C, H, W), g_x.reshape(B, C, H, W), g_weight.reshape(C), None, None, None
+
+
+def dense_format(x):
+    """channels_last for a tensor laid out so, the default layout otherwise."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same state dict) through GroupNormFunction in training mode, with
+    torch's dtypes: CUDA autocast runs group_norm in float32 (CPU autocast leaves it in the input's dtype).
+    In eval mode, or with second_order = False, it is torch's own: a Function written in Python costs
+    ~30 us a call, 6% of a sampler's evaluation on the CPU, which only needs the first backward."""
+
+    second_order = True
+
+    def forward(self, x):
+        if not (self.training and self.second_order):
+            return super().forward(x)
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            x = x.float()
+        # The native kernels take dense tensors. Made dense here, outside the Function, so that autograd sees
+        # the copy: the second derivative reaches x through the x the Function saves.
+        x = x.contiguous(memory_format=dense_format(x))
+        return GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+
+
 def group_norm(ch):
-    return nn.GroupNorm(num_groups=min(32, max(1, ch // 4)), num_channels=ch, eps=1e-6)
+    return GroupNorm(num_groups=min(32, max(1, ch // 4)), num_channels=ch, eps=1e-6)
+
+
+# SiLU the same way: with create_graph=True torch writes silu's backward as ~7 differentiable operations
+# and differentiates each again. Here the first backward is the native kernel, gx = gy s'(x), and its
+# derivative is explicit, with s(x) = x sigma(x), s'(x) = sigma (1 + x (1 - sigma)) and
+#   s''(x) = sigma (1 - sigma) (2 + x (1 - 2 sigma)) = sigma (1 - sigma) (x + 2 - 2 s(x)):
+#     d/dgy = a s'(x)   (the native kernel again),   d/dx = a gy s''(x)   (sigmoid_backward: w sigma (1 - sigma)).
+
+class SiLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.silu(x)
+
+    @staticmethod
+    def backward(ctx, gy):
+        (x,) = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # a first-order backward (no create_graph): the native kernel alone
+            return torch.ops.aten.silu_backward(gy, x)
+        return SiLUBackward.apply(gy, x)
+
+
+class SiLUBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gy, x):
+        ctx.save_for_backward(gy, x)
+        return torch.ops.aten.silu_backward(gy, x)
+
+    @staticmethod
+    def backward(ctx, a):
+        gy, x = ctx.saved_tensors
+        sigma = torch.sigmoid(x)
+        v = torch.add(x + 2, x * sigma, alpha=-2)  # x + 2 - 2 s(x)
+        return torch.ops.aten.silu_backward(a, x), torch.ops.aten.sigmoid_backward(a * gy * v, sigma)
+
+
+def silu(x):
+    return SiLUFunction.apply(x)
+
+
+class SiLU(nn.Module):
+    """SiLU through SiLUFunction in training mode, torch's F.silu otherwise (as GroupNorm above)."""
+
+    second_order = True
+
+    def forward(self, x):
+        return silu(x) if self.training and self.second_order else F.silu(x)
+
+
+def set_second_order(net, on):
+    """Turn the explicit second derivatives of net's GroupNorm and SiLU layers on or off (off: a network
+    that is never differentiated twice, such as bench.py's score model)."""
+    for m in net.modules():
+        if isinstance(m, (GroupNorm, SiLU)):
+            m.second_order = on
+    return net
 
 
 def zero_init(module):
@@ -94,14 +269,15 @@ class EmbeddingNet(nn.Module):
     def __init__(self, in_ch, hidden, n_blocks):
         super().__init__()
         self.inp = nn.Conv2d(in_ch, hidden, 1)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Conv2d(hidden, hidden, 1),
-                                                  nn.SiLU(), nn.Conv2d(hidden, hidden, 1)) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(nn.Sequential(SiLU(), nn.Conv2d(hidden, hidden, 1),
+                                                  SiLU(), nn.Conv2d(hidden, hidden, 1)) for _ in range(n_blocks))
+        self.act = SiLU()
 
     def forward(self, features):
         h = self.inp(features)
         for block in self.blocks:
             h = (h + block(h)) * math.sqrt(0.5)
-        return F.silu(h)
+        return self.act(h)
 
 
 def frequency_coordinates(basis, H, W, ref):
@@ -147,13 +323,14 @@ class ResBlock(nn.Module):
         self.out_ch = out_ch
         self.norm0, self.conv0 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.norm1, self.dropout = group_norm(out_ch), nn.Dropout(dropout)
+        self.act0, self.act1 = SiLU(), SiLU()
         self.conv1 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.attn = Attention(out_ch) if attention else None
 
     def forward(self, x, g):
-        h = self.conv0(F.silu(self.norm0(x)))
-        h = F.silu(self.norm1(h) * (1 + g))  # g: (B, ch, h, w) for pixel-basis Sigma, (B, ch, 1, 1) otherwise
+        h = self.conv0(self.act0(self.norm0(x)))
+        h = self.act1(self.norm1(h) * (1 + g))  # g: (B, ch, h, w) for pixel-basis Sigma, (B, ch, 1, 1) otherwise
         h = self.conv1(self.dropout(h))
         x = (self.skip(x) + h) * math.sqrt(0.5)
         return self.attn(x) if self.attn is not None else x
@@ -202,7 +379,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.dec.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                               nn.Conv2d(ch, ch, 3, padding=1)))  # up-sampling
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch), SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)))
 
         # Gain projections: one 1x1 conv per level gives the gains of all the blocks at that level at once
         # (fewer, larger operations: the dual loss differentiates this path twice).

@@ -96,6 +96,127 @@ def test_explicit_attention_equals_sdpa_and_supports_double_backward():
     assert torch.autograd.gradgradcheck(lambda x: attn(x).square().sum(), (x,))
 
 
+@pytest.mark.parametrize("shape,groups", [((2, 8, 3, 5), 2), ((3, 12, 4, 4), 3), ((2, 4, 2, 3), 1), ((1, 6, 2, 2), 6)])
+def test_group_norm_second_derivative_passes_gradgradcheck(shape, groups):
+    """The hand-written derivative of GroupNorm's backward (nets.GroupNormBackward) against finite
+    differences, with random upstream gradients for all three of its outputs."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in (shape, shape[1], shape[1]))
+    f = lambda x, w, b: nets.GroupNormFunction.apply(x, w, b, groups, 1e-6)
+    torch.testing.assert_close(f(x, w, b), F.group_norm(x, groups, w, b, 1e-6))
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+LAYOUTS = {"dense": lambda t: t, "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+           "strided": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)}
+
+
+@pytest.mark.parametrize("dtype,size,layout", [(torch.float64, 8, "dense"), (torch.float64, 8, "channels_last"),
+                                               (torch.float64, 8, "strided"), (torch.float32, 32, "dense"),
+                                               (torch.float32, 64, "dense")])
+def test_group_norm_double_backward_equals_torchs_composite(dtype, size, layout):
+    """The training pattern, a gradient in x with create_graph=True and then a loss on it (the weight and
+    bias gradients of the first backward unused: the path where they get no upstream gradient), against
+    torch's own nn.GroupNorm, at the sizes users train at, and for inputs that are not dense in the
+    default layout (GroupNorm copies them, and the second derivative must still reach x)."""
+    g = torch.Generator().manual_seed(0)
+    ours, ref = nets.group_norm(32), torch.nn.GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            q.copy_(p)
+    ours, ref = ours.to(dtype), ref.to(dtype)
+    x0 = torch.randn(2, 32, size, size, generator=g, dtype=dtype) * 3 + 1
+    c = torch.randn(x0.shape, generator=g, dtype=dtype)
+
+    def grads(norm):
+        x = x0.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad((F.silu(norm(LAYOUTS[layout](x))) * c).sum(), x, create_graph=True)
+        return [gx] + list(torch.autograd.grad(gx.square().sum(), [x, norm.weight, norm.bias]))
+
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads(ours), grads(ref)):
+        torch.testing.assert_close(a / b.abs().max(), b / b.abs().max(), **tol)
+
+
+def test_silu_second_derivative_passes_gradgradcheck_and_equals_torchs():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 4, generator=g, dtype=torch.float64) * 4).requires_grad_(True)
+    assert torch.autograd.gradcheck(nets.silu, (x,))
+    assert torch.autograd.gradgradcheck(nets.silu, (x,))
+    for dtype in (torch.float64, torch.float32):  # the training pattern at a user's size, against F.silu
+        x0, c = (torch.randn(4, 28, 32, 32, generator=g, dtype=torch.float64).to(dtype) * s for s in (5, 1))
+        out = []
+        for f in (nets.silu, F.silu):
+            x = x0.clone().requires_grad_(True)
+            (gx,) = torch.autograd.grad((f(x) * c).sum(), x, create_graph=True)
+            out.append((gx, *torch.autograd.grad((gx * x0.cos()).sum(), x)))
+        for a, b in zip(*out):
+            torch.testing.assert_close(a, b, **(dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else {}))
+
+
+def test_group_norm_keeps_torchs_parameters_and_autocast_dtype():
+    ours, ref = nets.group_norm(16), torch.nn.GroupNorm(4, 16, eps=1e-6)
+    assert ours.state_dict().keys() == ref.state_dict().keys()  # checkpoints load either way
+    x = torch.randn(2, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 in, bf16 out on CPU, as torch's (mixed with float32 weights)
+        for x in (x, x.bfloat16()):
+            assert ours(x).dtype == ref(x).dtype
+        x = x.requires_grad_(True)
+        (gx,) = torch.autograd.grad(ours(x).square().sum(), x, create_graph=True)
+        gx.square().sum().backward()  # the double backward runs in the mixed dtypes too
+    assert x.grad.dtype == torch.bfloat16 and ours.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dual_loss_gradients_agree_with_torchs_group_norm_and_silu(dtype):
+    """The whole UNet: the parameter gradients of the dual loss (a double backward through every layer,
+    the conditioning path included) with the explicit second derivatives and with torch's own
+    (nets.set_second_order(net, False)), on the same batch and noise."""
+    torch.manual_seed(0)
+    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 16, 3), std=0.1).to(dtype))
+    x = torch.rand(6, 3, 16, 16, dtype=dtype)
+    groups = cv.sample_training_covariances(x.shape, "dct", generator=torch.Generator().manual_seed(0), dtype=dtype)
+    assert len(groups) == 2  # a pixel group and a spectral one
+
+    def grads(on):
+        nets.set_second_order(model.net, on)
+        model.net.zero_grad()
+        aebm.dual_score_loss(model, x, groups, generator=torch.Generator().manual_seed(1))[0].backward()
+        return [p.grad.clone() for p in model.net.parameters()]
+
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-6)
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_samplers_get_torchs_layers_in_eval_mode():
+    """Eval mode (and second_order off) runs torch's own GroupNorm and SiLU: the same kernels as a
+    network built from nn.GroupNorm / nn.SiLU, and the same energy and score."""
+    import bench
+
+    net = nets.build_unet("tiny", 16, 3)
+    y = torch.rand(2, 3, 16, 16)
+    cov = some_covariance("dct", y.shape)
+    run = lambda: aebm.energy_and_scores(aebm.EnergyModel(net), cov.U(y), cov, need_log_s=False)
+    net.eval()
+    run()  # the first call also builds and caches the DCT matrices
+    ops_eval, out_eval = bench.operators_per_call(run), run()
+    net.train()
+    nets.set_second_order(net, False)
+    assert bench.operators_per_call(run) == ops_eval
+    for a, b in zip(out_eval[:2], run()[:2]):
+        torch.testing.assert_close(a, b)
+    # and which path each mode takes
+    norm, act, x = nets.group_norm(8), nets.SiLU(), torch.randn(1, 8, 4, 4, requires_grad=True)
+    assert type(norm(x).grad_fn).__name__ == "GroupNormFunctionBackward"
+    assert type(act(x).grad_fn).__name__ == "SiLUFunctionBackward"
+    norm.eval(), act.eval()
+    assert type(norm(x).grad_fn).__name__ == "NativeGroupNormBackward0"
+    assert type(act(x).grad_fn).__name__ == "SiluBackward0"
+
+
 def test_energy_of_one_image_does_not_depend_on_the_others():
     torch.manual_seed(0)
     model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 8, 3))).eval()
