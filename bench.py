@@ -5,6 +5,7 @@ interleaved round by round; a time is the median over rounds, a ratio the median
 ratio (machines are shared and noisy: their drift between rounds cancels within a round).
 
     python bench.py                                  # training-step ratios, small config, CPU (~1 min)
+    python bench.py --torch-layers                   # also (b), (c) with torch's GroupNorm/SiLU double backward
     python bench.py --what sample                    # restoration time and the MALA/ULA step ratio
     python bench.py --suite gpu                      # the one prepared GPU check (< 6 min on one H100)
     python bench.py --suite gpu --device cpu         # the same check at a small size (tests run it)
@@ -17,8 +18,9 @@ and prints b/a, c/a, c/b (the paper reports c/a ~ 3.75 and c/b ~ 1.07 on GPUs), 
 step dispatches (bench.operators_per_call).
 
 --suite gpu runs, with the device's name:
-  1. the paper64 training step at the paper's per-GPU batch (16), bf16 autocast, TF32, channels_last:
-     (a), (b), (c), their ratios and peak memory;
+  1. the paper64 training step at the paper's per-GPU batch (16), TF32 and bf16 autocast:
+     (a), (b), (c), their ratios and peak memory; with TF32 also (b), (c) with torch's own GroupNorm and
+     SiLU in the same rounds (what nets.GroupNorm / nets.silu's explicit second derivatives buy);
   2. the real entry point, `torchrun --nproc_per_node=1 train.py --dataset imagenet64` on a small
      ImageNet64 npz written here (NCCL on CUDA), with a checkpoint and a resume: images/s and the
      projected wall time of the paper's 400k steps on 8 such GPUs;
@@ -75,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=4, help="images to restore (sample)")
     p.add_argument("--levels", type=int, default=20, help="noise levels of the reverse diffusion (sample)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--torch-layers", action="store_true",
+                   help="(train) also time (b) and (c) with torch's GroupNorm and SiLU instead of the explicit ones")
     return p.parse_args(argv)
 
 
@@ -145,7 +149,10 @@ def build_energy(config, size, channels, device, channels_last=False, random_out
 # -----------------------------------------------------------------------------
 # 1. The training step: score model vs energy (DSM) vs energy (dual).
 
-def train_step_times(config, size, channels, batch, device, bf16, channels_last, rounds, warmup, seed=0):
+def train_step_times(config, size, channels, batch, device, bf16, channels_last, rounds, warmup, seed=0,
+                     torch_layers=False):
+    """torch_layers: also time (b) and (c) with torch's own GroupNorm and SiLU (their composite double backward)
+    instead of nets.GroupNorm / nets.silu's explicit one, interleaved in the same rounds ("b0", "c0")."""
     energy = build_energy(config, size, channels, device, channels_last, seed=seed)
     net = energy.net
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)  # as train.py
@@ -169,16 +176,20 @@ def train_step_times(config, size, channels, batch, device, bf16, channels_last,
         opt.step()
         nets.set_second_order(net, True)
 
-    def energy_step(lam):  # (b) lam = 0, (c) lam = 1
+    def energy_step(lam, explicit=True):  # (b) lam = 0, (c) lam = 1
         def step():
+            nets.set_second_order(net, explicit)
             opt.zero_grad(set_to_none=True)
             with autocast:
                 L, _, _ = aebm.dual_score_loss(energy, x, groups, lam=lam)
             L.backward()
             opt.step()
+            nets.set_second_order(net, True)
         return step
 
     fns = {"a": score_step, "b": energy_step(0.0), "c": energy_step(1.0)}
+    if torch_layers:
+        fns.update(b0=energy_step(0.0, explicit=False), c0=energy_step(1.0, explicit=False))
     times = {}
     out = interleaved(fns, device, rounds, warmup, per_round=times)
     for k, f in fns.items():
@@ -188,6 +199,9 @@ def train_step_times(config, size, channels, batch, device, bf16, channels_last,
     t = {k: np.array(v) for k, v in times.items()}
     out.update({"b/a": float(np.median(t["b"] / t["a"])), "c/a": float(np.median(t["c"] / t["a"])),
                 "c/b": float(np.median(t["c"] / t["b"]))})
+    if torch_layers:
+        out.update({"b/b0": float(np.median(t["b"] / t["b0"])), "c/c0": float(np.median(t["c"] / t["c0"])),
+                    "b0/a": float(np.median(t["b0"] / t["a"])), "c0/a": float(np.median(t["c0"] / t["a"]))})
     if device.type == "cuda":
         for k, f in fns.items():
             torch.cuda.reset_peak_memory_stats(device)
@@ -204,6 +218,10 @@ def print_train(t, what):
         print(f"  ({k}) {name:13s} {1e3 * t[k]:8.1f} ms/step{mem}")
     print(f"  ratios (median over rounds): b/a = {t['b/a']:.2f}   c/a = {t['c/a']:.2f}   c/b = {t['c/b']:.3f}   "
           f"(paper: c/a ~ 3.75, c/b ~ 1.07; goals: c/a <= 2.5, c/b <= 1.03 on GPU; <= 2.3, <= 1.05 on CPU)")
+    if "b0" in t:
+        print(f"  with torch's own GroupNorm and SiLU: (b) {1e3 * t['b0']:.1f}, (c) {1e3 * t['c0']:.1f} ms/step "
+              f"({t['kernels_b0']} / {t['kernels_c0']} operators), b0/a = {t['b0/a']:.2f}, c0/a = {t['c0/a']:.2f}; "
+              f"explicit over torch's: (b) {t['b/b0']:.3f}, (c) {t['c/c0']:.3f}")
     if "kernels_a" in t:
         k = [t[f"kernels_{x}"] for x in "abc"]
         print(f"  operators per step (non-view, exact): {k[0]} / {k[1]} / {k[2]}   ratios b/a = {k[1] / k[0]:.2f}   "
@@ -411,8 +429,9 @@ def run_suite(args):
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     def train():
-        for low in (False, True):
-            t = train_step_times(sz["config"], sz["size"], 3, sz["batch"], device, low, False, sz["rounds"], 2)
+        for low in (False, True):  # float32/TF32 also against torch's own GroupNorm and SiLU (README, Benchmarks)
+            t = train_step_times(sz["config"], sz["size"], 3, sz["batch"], device, low, False, sz["rounds"], 2,
+                                 torch_layers=not low)
             print_train(t, f"batch {sz['batch']}, " + ("bf16 autocast and TF32" if low else "float32 with TF32"))
 
     def entry():
@@ -585,7 +604,7 @@ def main(argv=None):
                                                or "fp32"))
     if args.what == "train":
         t = train_step_times(args.config, size, args.channels, args.batch, device, args.bf16, args.channels_last,
-                             args.rounds, args.warmup, args.seed)
+                             args.rounds, args.warmup, args.seed, torch_layers=args.torch_layers)
         print_train(t, what)
     else:
         energy = build_energy(args.config, size, args.channels, device, args.channels_last)

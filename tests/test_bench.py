@@ -43,3 +43,14 @@ def test_explicit_second_derivatives_cut_the_double_backward_kernels():
 
     ours, torchs = kernels(nets.group_norm(16), nets.silu), kernels(torch.nn.GroupNorm(4, 16, eps=1e-6), F.silu)
     assert ours < 0.5 * torchs, (ours, torchs)
+
+
+def test_torch_layers_variant_times_torch_s_double_backward():
+    """bench.py --torch-layers: (b0) and (c0) really run torch's composite GroupNorm/SiLU double backward
+    (about twice the kernels of the explicit path), and (b), (c) the explicit one, in the same rounds."""
+    t = bench.train_step_times("tiny", 16, 3, 2, torch.device("cpu"), False, False, rounds=1, warmup=0,
+                               torch_layers=True)
+    assert t["kernels_b0"] > 1.5 * t["kernels_b"], t
+    assert t["kernels_c0"] > 1.5 * t["kernels_c"], t
+    assert t["kernels_c0"] - t["kernels_b0"] > 0 and t["kernels_c"] - t["kernels_b"] > 0, t
+    assert all(k in t for k in ("b/b0", "c/c0", "b0/a", "c0/a")), t
