@@ -39,7 +39,7 @@ the MLP and the gains is left out: two linear maps in a row are one linear map o
 Everything here is twice differentiable (training differentiates dE/dy again). GroupNorm and SiLU
 keep their native first backward and bring their second derivative written out (a few lines of
 algebra each, below): torch's own versions of both become ~20 small operations under
-create_graph=True, and the energy step dispatches half the kernels without them (README,
+create_graph=True, and the energy step dispatches 40% of the kernels without them (README,
 Benchmarks). Attention is an explicit softmax: torch's scaled_dot_product_attention picks fused
 kernels (flash on CPU; flash or memory-efficient on CUDA) whose backward has no derivative, so
 create_graph=True fails there.
@@ -83,7 +83,10 @@ SPECTRAL_SCALE = 5.0  # log-variance deviations (up to ~20 in a spectrum) scaled
 #     d/dgy     = weight r P(a) + a_w x^ + a_b
 #     d/dweight = sum gy r P(a)
 #     d/dx      = r P(q) - (r^2 / N) x^ sum(h P(a)),   q = a_w gy - r (mean(h x^) a + mean(a x^) h)
-#   (from dx^ = r P(dx) and dr = -r^2 mean(x^ dx)).
+#   (from dx^ = r P(dx) and dr = -r^2 mean(x^ dx)). P is linear, so r P(q) = r P(a_w gy) - r mean(h x^) r P(a)
+#   - r mean(a x^) gx, and both r P(.) of a full tensor are the native backward kernel again (r P(w g) is
+#   what it computes for a weight w): d/dx = native(gy; weight a_w) - r (mean(h x^) rPa + mean(a x^) gx
+#   + sum(rPa h) x^ / N), with rPa = native(a; no weight) and gx the first backward's own output.
 
 class GroupNormFunction(torch.autograd.Function):
     @staticmethod
@@ -109,52 +112,48 @@ class GroupNormBackward(torch.autograd.Function):
     """The first backward (native kernel) as a function of (gy, x, weight), with the derivative above."""
 
     @staticmethod
-    def native(gy, x, weight, mean, rstd, groups):
+    def native(gy, x, weight, mean, rstd, groups, mask=(True, True, True)):
+        """(r P(weight gy), sum gy x^, sum gy) per channel (weight None: r P(gy)); mask picks which are computed."""
         B, C = x.shape[:2]
         return torch.ops.aten.native_group_norm_backward(gy, x, mean, rstd, weight, B, C, math.prod(x.shape[2:]),
-                                                         groups, [True, True, True])
+                                                         groups, list(mask))
 
     @staticmethod
     def forward(ctx, gy, x, weight, mean, rstd, groups):
-        out = GroupNormBackward.native(gy, x, weight, mean, rstd, groups)
-        ctx.save_for_backward(gy, x, weight, mean, rstd)
+        gx, gweight, gbias = GroupNormBackward.native(gy, x, weight, mean, rstd, groups)
+        ctx.save_for_backward(gy, x, weight, mean, rstd, gx)  # gx: the next backward node keeps it anyway
         ctx.groups = groups
         ctx.set_materialize_grads(False)  # gweight and gbias usually get no gradient: None, not zeros
-        return out
+        return gx, gweight, gbias
 
     @staticmethod
     def backward(ctx, a, a_w, a_b):
-        gy, x, weight, mean, rstd = ctx.saved_tensors
+        gy, x, weight, mean, rstd, gx = ctx.saved_tensors
         B, C, H, W = x.shape
         G = ctx.groups
         shape = (B, G, C // G, H, W)  # each group's values along the last three dimensions
         N = C // G * H * W
+        a = torch.zeros_like(x) if a is None else a.contiguous(memory_format=dense_format(x))
 
         def mean_g(t):  # per-group mean, kept broadcastable: (B, G, 1, 1, 1)
             return t.mean(dim=(2, 3, 4), keepdim=True)
 
-        def P(v, v_xh=None):  # v - mean(v) - x^ mean(v x^), given mean(v x^) when it is already known
-            return v - mean_g(v) - xh * (mean_g(v * xh) if v_xh is None else v_xh)
-
         r = rstd.view(B, G, 1, 1, 1)
         xh = (x.reshape(shape) - mean.view(B, G, 1, 1, 1)) * r
         w = weight.view(1, G, C // G, 1, 1)
-        gy = gy.reshape(shape)
-        h = w * gy
-        a = torch.zeros_like(xh) if a is None else a.reshape(shape)
-        a_xh = mean_g(a * xh)
-        rPa = r * P(a, a_xh)
+        gy5, h = gy.reshape(shape), w * gy.reshape(shape)
+        rPa = GroupNormBackward.native(a, x, None, mean, rstd, G, (True, False, False))[0].reshape(shape)
         g_gy = w * rPa
-        g_weight = (gy * rPa).sum(dim=(0, 3, 4))
-        q = -r * (mean_g(h * xh) * a + a_xh * h)
+        g_weight = (gy5 * rPa).sum(dim=(0, 3, 4))
+        # d/dx without the a_w term: -r (mean(h x^) rPa + mean(a x^) gx + sum(rPa h) x^ / N)
+        g_x = mean_g(h * xh) * rPa
+        g_x = g_x.addcmul_(mean_g(a.reshape(shape) * xh), gx.reshape(shape))
+        g_x = g_x.addcmul_((rPa * h).sum(dim=(2, 3, 4), keepdim=True) / N, xh).mul_(-r)
         if a_w is not None:
-            a_w = a_w.view(1, G, C // G, 1, 1)
-            g_gy = g_gy + a_w * xh
-            q = q + a_w * gy
+            g_gy = g_gy + a_w.view(1, G, C // G, 1, 1) * xh
+            g_x = g_x + GroupNormBackward.native(gy, x, a_w, mean, rstd, G, (True, False, False))[0].reshape(shape)
         if a_b is not None:
             g_gy = g_gy + a_b.view(1, G, C // G, 1, 1)
-        rS = (rPa * h).sum(dim=(2, 3, 4), keepdim=True)  # r sum a P(h) = r sum P(a) h: P is symmetric
-        g_x = r * P(q) - (r * rS / N) * xh
         return g_gy.reshape(B, C, H, W), g_x.reshape(B, C, H, W), g_weight.reshape(C), None, None, None
 
 
@@ -218,7 +217,7 @@ class SiLUBackward(torch.autograd.Function):
     def backward(ctx, a):
         gy, x = ctx.saved_tensors
         sigma = torch.sigmoid(x)
-        v = torch.add(x + 2, x * sigma, alpha=-2)  # x + 2 - 2 s(x)
+        v = torch.addcmul(x + 2, x, sigma, value=-2)  # x + 2 - 2 s(x)
         return torch.ops.aten.silu_backward(a, x), torch.ops.aten.sigmoid_backward(a * gy * v, sigma)
 
 

@@ -31,7 +31,8 @@ def test_operator_count_is_exact_and_leaves_views_out():
 
 def test_explicit_second_derivatives_cut_the_double_backward_kernels():
     """The reason nets.GroupNorm and nets.silu exist (README, Benchmarks): the training pattern through
-    GroupNorm -> SiLU dispatches under half the kernels of torch's own composite double backward."""
+    GroupNorm -> SiLU dispatches under a third of the kernels of torch's own composite double backward
+    (44 against 156 when written)."""
     x0, c = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
 
     def kernels(norm, act):
@@ -42,7 +43,7 @@ def test_explicit_second_derivatives_cut_the_double_backward_kernels():
         return bench.operators_per_call(step)[1]
 
     ours, torchs = kernels(nets.group_norm(16), nets.silu), kernels(torch.nn.GroupNorm(4, 16, eps=1e-6), F.silu)
-    assert ours < 0.5 * torchs, (ours, torchs)
+    assert ours < torchs / 3, (ours, torchs)
 
 
 def test_torch_layers_variant_times_torch_s_double_backward():
