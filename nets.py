@@ -158,8 +158,11 @@ class GroupNormBackward(torch.autograd.Function):
 
 
 def dense_format(x):
-    """channels_last for a tensor laid out so, the default layout otherwise."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    """The layout the native GroupNorm kernels take x in: on the CPU, channels_last for a tensor laid out
+    so; the default layout otherwise, and always on CUDA, whose kernels take no other (torch's own
+    group_norm makes CUDA inputs contiguous the same way)."""
+    if (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -96,12 +96,28 @@ def test_explicit_attention_equals_sdpa_and_supports_double_backward():
     assert torch.autograd.gradgradcheck(lambda x: attn(x).square().sum(), (x,))
 
 
+# The explicit second derivatives on every device present: CUDA runs the same native kernels through other
+# code (a GPU session runs `pytest tests/test_nets.py -k "gradgradcheck or composite or agree"` there).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def strict_fp32():
+    """No TF32 in CUDA convolutions and matmuls (cuDNN allows it by default): float32 means float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,groups", [((2, 8, 3, 5), 2), ((3, 12, 4, 4), 3), ((2, 4, 2, 3), 1), ((1, 6, 2, 2), 6)])
-def test_group_norm_second_derivative_passes_gradgradcheck(shape, groups):
+def test_group_norm_second_derivative_passes_gradgradcheck(shape, groups, device):
     """The hand-written derivative of GroupNorm's backward (nets.GroupNormBackward) against finite
     differences, with random upstream gradients for all three of its outputs."""
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in (shape, shape[1], shape[1]))
+    x, w, b = (torch.randn(s, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+               for s in (shape, shape[1], shape[1]))
     f = lambda x, w, b: nets.GroupNormFunction.apply(x, w, b, groups, 1e-6)
     torch.testing.assert_close(f(x, w, b), F.group_norm(x, groups, w, b, 1e-6))
     assert torch.autograd.gradcheck(f, (x, w, b))
@@ -112,10 +128,11 @@ LAYOUTS = {"dense": lambda t: t, "channels_last": lambda t: t.contiguous(memory_
            "strided": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,size,layout", [(torch.float64, 8, "dense"), (torch.float64, 8, "channels_last"),
                                                (torch.float64, 8, "strided"), (torch.float32, 32, "dense"),
                                                (torch.float32, 64, "dense")])
-def test_group_norm_double_backward_equals_torchs_composite(dtype, size, layout):
+def test_group_norm_double_backward_equals_torchs_composite(dtype, size, layout, device, strict_fp32):
     """The training pattern, a gradient in x with create_graph=True and then a loss on it (the weight and
     bias gradients of the first backward unused: the path where they get no upstream gradient), against
     torch's own nn.GroupNorm, at the sizes users train at, and for inputs that are not dense in the
@@ -126,9 +143,9 @@ def test_group_norm_double_backward_equals_torchs_composite(dtype, size, layout)
         for p, q in zip(ours.parameters(), ref.parameters()):
             p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             q.copy_(p)
-    ours, ref = ours.to(dtype), ref.to(dtype)
-    x0 = torch.randn(2, 32, size, size, generator=g, dtype=dtype) * 3 + 1
-    c = torch.randn(x0.shape, generator=g, dtype=dtype)
+    ours, ref = ours.to(device, dtype), ref.to(device, dtype)
+    x0 = (torch.randn(2, 32, size, size, generator=g, dtype=dtype) * 3 + 1).to(device)
+    c = torch.randn(x0.shape, generator=g, dtype=dtype).to(device)
 
     def grads(norm):
         x = x0.clone().requires_grad_(True)
@@ -156,34 +173,39 @@ def test_silu_second_derivative_passes_gradgradcheck_and_equals_torchs():
             torch.testing.assert_close(a, b, **(dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else {}))
 
 
-def test_group_norm_keeps_torchs_parameters_and_autocast_dtype():
-    ours, ref = nets.group_norm(16), torch.nn.GroupNorm(4, 16, eps=1e-6)
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_norm_keeps_torchs_parameters_and_autocast_dtype(device):
+    ours, ref = nets.group_norm(16).to(device), torch.nn.GroupNorm(4, 16, eps=1e-6).to(device)
     assert ours.state_dict().keys() == ref.state_dict().keys()  # checkpoints load either way
-    x = torch.randn(2, 16, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 in, bf16 out on CPU, as torch's (mixed with float32 weights)
+    x = torch.randn(2, 16, 8, 8, device=device)
+    # CPU autocast: bf16 in, bf16 out, as torch's (mixed with float32 weights); CUDA autocast: float32 out
+    with torch.autocast(device, dtype=torch.bfloat16):
         for x in (x, x.bfloat16()):
             assert ours(x).dtype == ref(x).dtype
         x = x.requires_grad_(True)
         (gx,) = torch.autograd.grad(ours(x).square().sum(), x, create_graph=True)
         gx.square().sum().backward()  # the double backward runs in the mixed dtypes too
+        torch.testing.assert_close(ours(x), ref(x))
     assert x.grad.dtype == torch.bfloat16 and ours.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_dual_loss_gradients_agree_with_torchs_group_norm_and_silu(dtype):
+def test_dual_loss_gradients_agree_with_torchs_group_norm_and_silu(dtype, device, strict_fp32):
     """The whole UNet: the parameter gradients of the dual loss (a double backward through every layer,
     the conditioning path included) with the explicit second derivatives and with torch's own
     (nets.set_second_order(net, False)), on the same batch and noise."""
     torch.manual_seed(0)
-    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 16, 3), std=0.1).to(dtype))
-    x = torch.rand(6, 3, 16, 16, dtype=dtype)
-    groups = cv.sample_training_covariances(x.shape, "dct", generator=torch.Generator().manual_seed(0), dtype=dtype)
+    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 16, 3), std=0.1).to(device, dtype))
+    x = torch.rand(6, 3, 16, 16, dtype=dtype).to(device)
+    groups = cv.sample_training_covariances(x.shape, "dct", generator=torch.Generator().manual_seed(0), dtype=dtype,
+                                            device=device)
     assert len(groups) == 2  # a pixel group and a spectral one
 
     def grads(on):
         nets.set_second_order(model.net, on)
         model.net.zero_grad()
-        aebm.dual_score_loss(model, x, groups, generator=torch.Generator().manual_seed(1))[0].backward()
+        aebm.dual_score_loss(model, x, groups, generator=torch.Generator(device).manual_seed(1))[0].backward()
         return [p.grad.clone() for p in model.net.parameters()]
 
     tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-6)
