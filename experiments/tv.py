@@ -4,6 +4,7 @@ squares, on the same held-out images and noise as experiments/learning.py (READM
 
     python -m experiments.tv                                   # dead leaves 32x32x3: TV against Wiener
     python -m experiments.tv --ckpt runs/hour/ckpt.pt          # and a model's posterior means beside them
+    python -m experiments.tv --ckpt runs/hour/ckpt.pt --noise 0.01   # deblurring and SR at another noise level
 
 Why: the Wiener filter is the best *linear* answer; how far a nonlinear estimator can get above it on
 these images says whether a threshold such as "+1 dB above Wiener at deblurring" is within reach of a
@@ -93,7 +94,17 @@ def choose_lam(prob_of, x, lams, seed, iters):
     return lams[best], scores
 
 
-def run(n=32, n_tune=16, seed=0, iters=1000, ckpt=None, dataset="deadleaves", size=32, channels=3, basis="dct"):
+def tasks(x, basis, noise=None):
+    """train.restoration_tasks (what validation tracks); with noise, deblurring (b = 1.5) and SR x2 alone at
+    that noise level instead."""
+    if noise is None:
+        return train.restoration_tasks(x, basis)
+    kw = dict(dtype=x.dtype, device=x.device)
+    return [("deblur", cv.blur_problem(x.shape, 1.5, noise, basis, **kw)), ("sr", cv.sr_problem(x.shape, 2, noise, basis, **kw))]
+
+
+def run(n=32, n_tune=16, seed=0, iters=1000, ckpt=None, dataset="deadleaves", size=32, channels=3, basis="dct",
+        noise=None):
     """{task: dict(tv=, wiener=, observed=, model= (with ckpt), lam=)} in dB, mean over the held-out images."""
     energy = None
     if ckpt is not None:
@@ -106,9 +117,11 @@ def run(n=32, n_tune=16, seed=0, iters=1000, ckpt=None, dataset="deadleaves", si
     x_tune = train_ds.get_batch(n_tune, torch.Generator().manual_seed(4_242 + seed))
     wiener = aebm.fit_gaussian(fit.double(), basis).float()
     lams = [0.002 * 1.5 ** k for k in range(14)]  # 0.002 ... 0.39; below ~0.005 deblurring needs > 2000 iterations
+    if noise is not None and noise < 0.05:  # smaller noise, smaller lam (and more iterations to converge)
+        lams = [lam * noise / 0.05 for lam in lams]
     out = {}
-    for i, (name, prob) in enumerate(train.restoration_tasks(x, basis)):
-        prob_of = lambda imgs, name=name: dict(train.restoration_tasks(imgs, basis))[name]
+    for i, (name, prob) in enumerate(tasks(x, basis, noise)):
+        prob_of = lambda imgs, name=name: dict(tasks(imgs, basis, noise))[name]
         lam, _ = choose_lam(prob_of, x_tune, lams, 99_000 + seed + i, iters)
         y_obs = prob.measure(x, torch.Generator(x.device).manual_seed(seed + i))  # as train.restoration_psnr
         y, cov = prob.to_denoising(y_obs, wiener.mean)
@@ -119,20 +132,21 @@ def run(n=32, n_tune=16, seed=0, iters=1000, ckpt=None, dataset="deadleaves", si
             y, cov = prob.to_denoising(y_obs, energy.mean)
             r["model"] = data.psnr(aebm.posterior_mean(energy, y, cov).to(x.dtype), x).mean().item()
         out[name] = r
-        print(f"  {name}: lam {lam:.4f}  TV {r['tv']:.2f}  Wiener {r['wiener']:.2f}  observation {r['observed']:.2f}"
+        print(f"  {name}: lam {lam:.2g}  TV {r['tv']:.2f}  Wiener {r['wiener']:.2f}  observation {r['observed']:.2f}"
               + (f"  model {r['model']:.2f}" if "model" in r else ""), flush=True)
     return out
 
 
-def print_table(res, n):
+def print_table(res, n, noise=None):
+    s = 0.05 if noise is None else noise
     names = {"denoise": "denoise σ = 0.1", "inpaint": "box inpainting (½ size), σ = 0.05",
-             "deblur": "deblur b = 1.5, σ = 0.05", "sr": "SR ×2, σ = 0.05"}
+             "deblur": f"deblur b = 1.5, σ = {s:g}", "sr": f"SR ×2, σ = {s:g}"}
     has_model = all("model" in r for r in res.values())
     print(f"\n{n} held-out images, float32")
     print("| task | TV (λ) | fitted Gaussian (Wiener) | observation | TV − Wiener |" + (" model | model − Wiener |" if has_model else ""))
     print("|---|---|---|---|---|" + ("---|---|" if has_model else ""))
     for k, r in res.items():
-        row = (f"| {names[k]} | {r['tv']:.2f} dB ({r['lam']:.3f}) | {r['wiener']:.2f} dB | {r['observed']:.2f} dB | "
+        row = (f"| {names[k]} | {r['tv']:.2f} dB ({r['lam']:.2g}) | {r['wiener']:.2f} dB | {r['observed']:.2f} dB | "
                f"{r['tv'] - r['wiener']:+.2f} dB |")
         if has_model:
             row += f" {r['model']:.2f} dB | {r['model'] - r['wiener']:+.2f} dB |"
@@ -144,5 +158,9 @@ if __name__ == "__main__":
     p.add_argument("--ckpt", default=None, help="a train.py checkpoint: its dataset, and its posterior means beside")
     p.add_argument("--n", type=int, default=32, help="held-out images")
     p.add_argument("--iters", type=int, default=1000, help="primal-dual iterations (converged to 1e-3 dB at the chosen lam)")
+    p.add_argument("--noise", type=float, default=None,
+                   help="deblurring and SR alone, at this noise level (default: the four validation tasks)")
     a = p.parse_args()
-    print_table(run(a.n, iters=a.iters, ckpt=a.ckpt), a.n)
+    if a.noise is not None and not 0 < a.noise < 1:
+        p.error(f"--noise must be in (0, 1), got {a.noise}")
+    print_table(run(a.n, iters=a.iters, ckpt=a.ckpt, noise=a.noise), a.n, a.noise)

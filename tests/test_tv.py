@@ -2,6 +2,10 @@
 definitions, its solver against an independent slower minimiser of the same objective, and its answer
 on piecewise-constant images at the size users run (32x32x3, float32)."""
 
+import os
+import subprocess
+import sys
+
 import torch
 
 import covariances as cv
@@ -66,3 +70,13 @@ def test_tv_denoises_piecewise_constant_images_in_float32():
     too_smooth = data.psnr(tv.tv_restore(prob, y_obs, 2.0, iters=200), x).mean()
     assert tuned > observed + 1.5, (tuned.item(), observed.item())
     assert too_smooth < tuned - 1.0, (too_smooth.item(), tuned.item())
+
+
+def test_noise_option_sets_the_deblurring_and_sr_noise_and_refuses_impossible_levels():
+    x = torch.zeros(2, 3, 16, 16)
+    assert [(name, p.sigma_n) for name, p in tv.tasks(x, "dct", 0.01)] == [("deblur", 0.01), ("sr", 0.01)]
+    assert [name for name, _ in tv.tasks(x, "dct")] == ["denoise", "inpaint", "deblur", "sr"]
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "experiments.tv", "--noise", "0"], cwd=here, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "--noise must be in (0, 1)" in done.stderr, done.stderr
