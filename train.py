@@ -345,11 +345,12 @@ def restoration_tasks(x, spectral_basis):
             ("sr", cv.sr_problem(x.shape, 2, 0.05, spectral_basis, **kw))]
 
 
-def restoration_psnr(energy, wiener, x, spectral_basis, seed=0):
+def restoration_psnr(energy, wiener, x, spectral_basis, seed=0, tasks=None):
     """{task: (PSNR of the energy's posterior mean, PSNR of the Wiener filter, PSNR of the observation)}
-    on the same images and noise (dB, mean over images)."""
+    on the same images and noise (dB, mean over images). tasks: (name, Degradation) pairs, default
+    restoration_tasks(x, spectral_basis); task i is measured with noise seed + i."""
     out = {}
-    for i, (name, prob) in enumerate(restoration_tasks(x, spectral_basis)):
+    for i, (name, prob) in enumerate(tasks or restoration_tasks(x, spectral_basis)):
         y_obs = prob.measure(x, torch.Generator(x.device).manual_seed(seed + i))
         y, cov = prob.to_denoising(y_obs, energy.mean)
         out[name] = tuple(data.psnr(t.to(x.dtype), x).mean().item()

@@ -28,10 +28,10 @@ import math
 
 import torch
 
-import aebm
 import covariances as cv
 import data
 import train
+from experiments.learning import held_out_and_fitted
 
 
 def grad(x):
@@ -72,10 +72,11 @@ def tv_restore(prob, y_obs, lam, iters=1000, x0=None):
     lam = torch.as_tensor(lam, dtype=y_obs.dtype, device=y_obs.device).reshape(-1, 1, 1, 1)
     a = prob.a
     # the data term's proximal map, diagonal in the task's basis: (v + tau A^T y) / (1 + tau a^2) there
-    Aty = cv.to_basis(prob.A(y_obs), prob.basis)  # U A^T y = a U y (A is symmetric: a is real)
+    Aty = prob.A(y_obs)  # A^T y = A y: A is symmetric (a is real)
     to, back = (lambda v: cv.to_basis(v, prob.basis)), (lambda z: cv.from_basis(z, prob.basis))
-    x = prob.A(y_obs) if x0 is None else x0.clone()
-    x_bar, p = x.clone(), torch.zeros_like(grad(x))
+    x = Aty.clone() if x0 is None else x0.clone()
+    Aty = to(Aty)  # U A^T y, where the proximal map is diagonal
+    x_bar, p = x.clone(), x.new_zeros(x.shape[:2] + (2,) + x.shape[2:])
     for _ in range(iters):
         p = p + sigma * grad(x_bar)
         p = p / (p.square().sum(dim=(1, 2), keepdim=True).sqrt() / lam.unsqueeze(2)).clamp_min(1.0)  # onto |p| <= lam
@@ -110,27 +111,23 @@ def run(n=32, n_tune=16, seed=0, iters=1000, ckpt=None, dataset="deadleaves", si
     if ckpt is not None:
         energy, config = train.load_energy(ckpt)
         dataset, size, channels, basis = config["dataset"], config["img_size"], config["channels"], config["spectral_basis"]
-    # the held-out images and the fitted prior of experiments/learning.py; tuning images: training ones
-    x = data.load_dataset(dataset, size, channels, None, "test").get_batch(n, torch.Generator().manual_seed(31_337 + seed))
-    train_ds = data.load_dataset(dataset, size, channels, None, "train")
-    fit = train_ds.get_batch(512, torch.Generator().manual_seed(777_777))
-    x_tune = train_ds.get_batch(n_tune, torch.Generator().manual_seed(4_242 + seed))
-    wiener = aebm.fit_gaussian(fit.double(), basis).float()
+    x, wiener = held_out_and_fitted(dataset, size, channels, basis, n, seed)  # as experiments/learning.py
+    x_tune = data.load_dataset(dataset, size, channels, None, "train").get_batch(  # tuning: training images
+        n_tune, torch.Generator().manual_seed(4_242 + seed))
     lams = [0.002 * 1.5 ** k for k in range(14)]  # 0.002 ... 0.39; below ~0.005 deblurring needs > 2000 iterations
     if noise is not None and noise < 0.05:  # smaller noise, smaller lam (and more iterations to converge)
         lams = [lam * noise / 0.05 for lam in lams]
+    # model (the Wiener filter itself without a checkpoint), Wiener and observation, as validation measures them
+    psnr = train.restoration_psnr(energy or wiener, wiener, x, basis, seed, tasks(x, basis, noise))
     out = {}
     for i, (name, prob) in enumerate(tasks(x, basis, noise)):
         prob_of = lambda imgs, name=name: dict(tasks(imgs, basis, noise))[name]
         lam, _ = choose_lam(prob_of, x_tune, lams, 99_000 + seed + i, iters)
-        y_obs = prob.measure(x, torch.Generator(x.device).manual_seed(seed + i))  # as train.restoration_psnr
-        y, cov = prob.to_denoising(y_obs, wiener.mean)
-        r = dict(lam=lam, tv=data.psnr(tv_restore(prob, y_obs, lam, iters), x).mean().item(),
-                 wiener=data.psnr(aebm.posterior_mean(wiener, y, cov).float(), x).mean().item(),
-                 observed=data.psnr(y_obs, x).mean().item())
+        y_obs = prob.measure(x, torch.Generator(x.device).manual_seed(seed + i))  # the noise restoration_psnr drew
+        model, wien, obs = psnr[name]
+        r = dict(lam=lam, tv=data.psnr(tv_restore(prob, y_obs, lam, iters), x).mean().item(), wiener=wien, observed=obs)
         if energy is not None:
-            y, cov = prob.to_denoising(y_obs, energy.mean)
-            r["model"] = data.psnr(aebm.posterior_mean(energy, y, cov).to(x.dtype), x).mean().item()
+            r["model"] = model
         out[name] = r
         print(f"  {name}: lam {lam:.2g}  TV {r['tv']:.2f}  Wiener {r['wiener']:.2f}  observation {r['observed']:.2f}"
               + (f"  model {r['model']:.2f}" if "model" in r else ""), flush=True)
