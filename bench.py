@@ -155,7 +155,8 @@ def train_step_times(config, size, channels, batch, device, bf16, channels_last,
     instead of nets.GroupNorm / nets.silu's explicit one, interleaved in the same rounds ("b0", "c0")."""
     energy = build_energy(config, size, channels, device, channels_last, seed=seed)
     net = energy.net
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)  # as train.py
+    params = list(net.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4, foreach=True)  # as train.py
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     shape = (batch, channels, size, size)
     x = torch.rand(shape, device=device)
@@ -182,7 +183,7 @@ def train_step_times(config, size, channels, batch, device, bf16, channels_last,
             opt.zero_grad(set_to_none=True)
             with autocast:
                 L, _, _ = aebm.dual_score_loss(energy, x, groups, lam=lam)
-            L.backward()
+            L.backward(inputs=params)  # as train.train_step: the parameters' gradients only
             opt.step()
             nets.set_second_order(net, True)
         return step

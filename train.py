@@ -234,7 +234,11 @@ def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None
         weight = energy.data_var if args.dsm_weight == "edm" else None
         L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas,
                                                dsm_weight=weight, antithetic=bool(args.antithetic))
-    L.backward()
+    # Only the parameters' gradients: a plain L.backward() would also carry the gradient on to the other
+    # leaves of the graph, the z and log s that aebm.energy_and_scores differentiates the energy by (through
+    # the whitening, the basis transforms and the first convolution), which nothing reads: ~6% of the
+    # operators of a dual-score step (README, Benchmarks; tests/test_train.py checks the gradients are equal).
+    L.backward(inputs=params)
     average_gradients(params, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
     L_val, L_dsm, L_csm, grad_norm = all_mean([L.detach(), L_dsm, L_csm, grad_norm], world)

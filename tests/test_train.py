@@ -77,6 +77,33 @@ def test_two_gloo_processes_equal_one_process_on_the_joint_batch(tmp_path):
     assert any(not torch.equal(start[n], p) for n, p in energy.state_dict().items())  # it did train
 
 
+def test_train_step_takes_the_parameters_gradients_only_and_they_equal_a_full_backward():
+    """train_step's backward stops at the parameters (L.backward(inputs=params)): the same gradients as a
+    plain L.backward(), which also carries them on to the leaves z and log s, with fewer operators."""
+    import bench
+
+    (x0, c0, z0), (x1, c1, z1) = batch_of_rank(0), batch_of_rank(1)
+    x, groups, zetas = torch.cat([x0, x1]), [(slice(0, B), c0), (slice(B, 2 * B), c1)], [z0, z1]
+    args = SimpleNamespace(**{**vars(ARGS), "clip": 1e9})  # no clipping: the raw gradients
+    energy, _ = make_model()
+    opt = torch.optim.SGD(energy.parameters(), lr=0.0)  # leaves the parameters and the gradients as they are
+    train.train_step(energy, opt, x, groups, args, zetas=zetas)
+    ref, _ = make_model()
+    aebm.dual_score_loss(ref, x, groups, lam=ARGS.lam, zetas=zetas)[0].backward()
+    for (name, p), q in zip(energy.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+
+    def full_step():
+        ref.zero_grad(set_to_none=True)
+        aebm.dual_score_loss(ref, x, groups, lam=ARGS.lam, zetas=zetas)[0].backward()
+
+    pruned = bench.operators_per_call(lambda: train.train_step(energy, opt, x, groups, args, zetas=zetas))[1]
+    full = bench.operators_per_call(full_step)[1]
+    assert pruned < 0.97 * full, (pruned, full)  # (+ clip and the optimizer step on the pruned side)
+
+
 def run_args(out, steps, *extra):
     return ["--dataset", "gaussian", "--img-size", "8", "--channels", "1", "--config", "tiny", "--batch", "4",
             "--steps", str(steps), "--out", str(out), "--log-every", "2", "--eval-every", "3", "--ckpt-every", "3",
