@@ -12,7 +12,8 @@ filter and of the observation for denoising (sigma 0.1), box inpainting (half th
 deblurring (b = 1.5, sigma 0.05) and SR x2 (sigma 0.05); blind inpainting accuracy (each image on
 its own: box 1/4, 1/2, 3/4 of the size x noise 0.02, 0.05, 0.1) and blind deblurring accuracy (blur
 1, 1.5, 2 px x noise 0.02, 0.05, 0.1), the truth being one of the candidates; with --wiener-blind 1,
-the fitted Gaussian's blind accuracies from its own normalized energy too. It also redraws the
+the fitted Gaussian's blind accuracies from its own normalized energy too; with --split 1, box
+inpainting's error inside the hole (the fill) and on the observed pixels, model and Wiener. It also redraws the
 run's learning curves (OUT/curves.png) from its log.csv. --compare draws several runs' curves in one
 figure against training steps (wall time differs between runs and machines; steps do not).
 """
@@ -50,18 +51,39 @@ def held_out_and_fitted(name, size, channels, basis, n=32, seed=0):
     return x, aebm.fit_gaussian(fit.double(), basis).float()
 
 
-def evaluate(path, n=32, seed=0, wiener_blind=False):
+def evaluate(path, n=32, seed=0, wiener_blind=False, split=False):
     energy, config = train.load_energy(path)
     name, size, channels, basis = config["dataset"], config["img_size"], config["channels"], config["spectral_basis"]
     x, wiener = held_out_and_fitted(name, size, channels, basis, n, seed)
     psnr = train.restoration_psnr(energy, wiener, x, basis, seed)
     res = dict(psnr=psnr, blind_inpaint=train.blind_inpainting_accuracy(energy, x, seed),
                blind_deblur=blind_deblurring_accuracy(energy, x, basis, seed), config=config, n=n)
+    if split:
+        res["inpaint_split"] = inpainting_split(energy, wiener, x, seed=seed)
     if wiener_blind:  # the classical answer to the blind tasks: the fitted Gaussian's own normalized energy
         # (pixel-basis masks are not diagonal in its basis: dense per-channel solves, ~10 min at 32x32x3)
         res["wiener_blind_inpaint"] = train.blind_inpainting_accuracy(wiener, x, seed)
         res["wiener_blind_deblur"] = blind_deblurring_accuracy(wiener, x, basis, seed)
     return res
+
+
+def inpainting_split(energy, wiener, x, s_holes=(1e1, 1e3, cv.S_HUGE), sigma=0.05, seed=0):
+    """Where box inpainting's error is: {s_hole: {"model" / "wiener": (MSE in the hole, MSE on the observed
+    pixels)}} per pixel, for the validation task (centred half-size box, noise sigma) with the hole's
+    variance set to each of s_holes (training draws it up to S_MAX = 1e3, the task uses S_HUGE), the same
+    images and noise for both estimators."""
+    missing = cv.box_mask(x.shape, x.shape[-1] // 2, device=x.device)
+    hole = missing.expand(x.shape).to(x.dtype)
+    out = {}
+    for s_hole in s_holes:
+        cov = cv.mask_covariance(missing, s_hole, sigma ** 2, x.shape[1], x.dtype)
+        y = x + cov.sample(torch.Generator(x.device).manual_seed(seed))[0]
+        out[s_hole] = {}
+        for name, e in (("model", energy), ("wiener", wiener)):
+            err = (aebm.posterior_mean(e, y, cov).to(x.dtype) - x).square()
+            out[s_hole][name] = ((err * hole).sum().item() / hole.sum().item(),
+                                 (err * (1 - hole)).sum().item() / (1 - hole).sum().item())
+    return out
 
 
 def print_table(res, label):
@@ -74,6 +96,11 @@ def print_table(res, label):
     for k, (m, w, o) in res["psnr"].items():
         print(f"| {names[k]} | {m:.2f} dB | {w:.2f} dB | {o:.2f} dB | {m - w:+.2f} dB |")
     print(f"blind inpainting accuracy {res['blind_inpaint']:.2f}; blind deblurring accuracy {res['blind_deblur']:.2f}")
+    if "inpaint_split" in res:
+        print("box inpainting (½ size, σ = 0.05), MSE per pixel in the hole / on the observed pixels:")
+        for s_hole, r in res["inpaint_split"].items():
+            (mh, mo), (wh, wo) = r["model"], r["wiener"]
+            print(f"  hole variance {s_hole:.0e}: model {mh:.4f} / {mo:.5f}, Wiener {wh:.4f} / {wo:.5f}")
     if "wiener_blind_inpaint" in res:
         print(f"fitted Gaussian: blind inpainting accuracy {res['wiener_blind_inpaint']:.2f}; blind deblurring "
               f"accuracy {res['wiener_blind_deblur']:.2f}")
@@ -102,6 +129,9 @@ if __name__ == "__main__":
                    help="instead: draw these runs' log.csv curves against step in one figure (--plot)")
     p.add_argument("--wiener-blind", type=int, default=0, choices=[0, 1],
                    help="1: also the fitted Gaussian's blind accuracies (the classical answer; ~10 more minutes)")
+    p.add_argument("--split", type=int, default=0, choices=[0, 1],
+                   help="1: also box inpainting's error split into the hole and the observed pixels, for hole "
+                        "variances 1e1, 1e3 and the task's 1e8")
     p.add_argument("--tasks", nargs="*", default=["denoise", "inpaint", "deblur", "sr"], help="with --compare")
     p.add_argument("--plot", default="runs/learning_compare.png", help="with --compare: the figure")
     a = p.parse_args()
@@ -111,7 +141,7 @@ if __name__ == "__main__":
             raise SystemExit("--compare takes NAME=PATH/log.csv items, e.g. edm=runs/hour/log.csv")
         print("figure:", compare_curves(runs, a.tasks, a.plot))
         raise SystemExit(0)
-    print_table(evaluate(a.ckpt, a.n, wiener_blind=bool(a.wiener_blind)), a.ckpt)
+    print_table(evaluate(a.ckpt, a.n, wiener_blind=bool(a.wiener_blind), split=bool(a.split)), a.ckpt)
     curves = train.draw_curves(os.path.join(os.path.dirname(a.ckpt), "log.csv"),
                                os.path.join(os.path.dirname(a.ckpt), "curves.png"))
     print("curves:", curves)
