@@ -27,7 +27,9 @@ step dispatches (bench.operators_per_call).
   3. sampling: 16 images 64x64x3, deblurring, 600 levels, one corrector step each, ULA and MALA, in
      float32 (TF32), each evaluation replayed as a CUDA graph;
   4. precision of bf16 autocast against float32 on the same device: posterior means of every task,
-     energy differences between blind-estimation candidates, MALA log acceptance ratios.
+     energy differences between blind-estimation candidates, MALA log acceptance ratios;
+  5. and 6. profiles: one sampler evaluation, and one dual training step (its two halves' device time
+     and the top operators).
 Each part reports its own failure and the next one still runs.
 """
 
@@ -49,9 +51,10 @@ import covariances as cv
 import data
 import nets
 
-# Sizes of the GPU suite: the real ones on CUDA, a small stand-in on CPU (so a test keeps it alive).
+# Sizes of the GPU suite: the real ones on CUDA, a small stand-in on CPU (so a test keeps it alive). On an H100
+# the check took 338 s with 6 rounds and no training-step profile; 5 rounds leave room for that profile.
 SUITE = {
-    "cuda": dict(config="paper64", size=64, batch=16, rounds=6, n=16, levels=600,
+    "cuda": dict(config="paper64", size=64, batch=16, rounds=5, n=16, levels=600,
                  entry=dict(steps=30, resume_steps=40, extra=[])),
     "cpu": dict(config="tiny", size=16, batch=4, rounds=2, n=2, levels=4,
                 entry=dict(steps=2, resume_steps=3, extra=["--config", "tiny", "--img-size", "16", "--bf16", "0",
@@ -408,6 +411,47 @@ def profile_evaluation(energy, n, size, device, calls=3, top=12):
     print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
+def profile_train_step(config, size, batch, device, top=15):
+    """Where ONE dual-loss training step (c) spends its device time, in float32 with TF32: the device time of
+    its two halves (the loss, i.e. forward and first backward with create_graph, then the second backward
+    into the parameters), the kernels it launches, and the top operators by device time. One step only:
+    profiling several steps of a paper64 step with the CUDA activity did not finish in 150 s on an H100."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    energy = build_energy(config, size, 3, device)
+    params = list(energy.parameters())
+    x = torch.rand(batch, 3, size, size, device=device)
+    groups = cv.sample_training_covariances(x.shape, "fft", generator=torch.Generator().manual_seed(0), device=device)
+
+    def step():
+        with record_function("loss: forward + first backward"):
+            L, _, _ = aebm.dual_score_loss(energy, x, groups, lam=1.0)
+        with record_function("second backward"):
+            L.backward(inputs=params)
+
+    for _ in range(2):  # warm-up (cuDNN's autotuner, caches)
+        step()
+    sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = "device_time_total" if cuda else "cpu_time_total"
+    halves = {e.key: getattr(e, total) / 1e3 for e in events if e.key in ("loss: forward + first backward",
+                                                                          "second backward")}
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    busy = sum(getattr(e, key) for e in events if e.key not in halves) / 1e3
+    print(f"  one dual step, batch {batch}: {1e3 * wall:.0f} ms wall under the profiler, {busy:.0f} ms of "
+          f"{'device' if cuda else 'CPU'} time; " + "; ".join(f"{k}: {v:.0f} ms" for k, v in halves.items())
+          + (f"; {launches} kernel launches" if cuda else ""))
+    print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
+
+
 def run_suite(args):
     device = torch.device(args.device)
     sz = SUITE[device.type]
@@ -485,6 +529,8 @@ def run_suite(args):
     part("3. sampling", sampling)
     part("4. precision: TF32 and bf16 autocast against strict float32", prec)
     part("5. where a sampler evaluation spends its time", lambda: profile_evaluation(energy, sz["n"], sz["size"], device))
+    part("6. where a dual training step spends its time",
+         lambda: profile_train_step(sz["config"], sz["size"], sz["batch"], device))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
