@@ -386,6 +386,11 @@ def precision(energy, size, n, device, low=None, ref=None, tasks=None):
     return out
 
 
+def kernel_launches(events):
+    """CUDA kernel launches among a profile's averaged events (the runtime's and the driver's launch calls)."""
+    return sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+
+
 def profile_evaluation(energy, n, size, device, calls=3, top=12):
     """Where one sampler evaluation (E and dE/dz at batch n, bf16 autocast) spends its time: the top
     operators by device time, and the number of kernel launches per evaluation."""
@@ -406,8 +411,7 @@ def profile_evaluation(energy, n, size, device, calls=3, top=12):
             sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    print(f"  kernel launches per evaluation: {launches / calls:.0f}")
+    print(f"  kernel launches per evaluation: {kernel_launches(events) / calls:.0f}")
     print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
@@ -444,11 +448,10 @@ def profile_train_step(config, size, batch, device, top=15):
     total = "device_time_total" if cuda else "cpu_time_total"
     halves = {e.key: getattr(e, total) / 1e3 for e in events if e.key in ("loss: forward + first backward",
                                                                           "second backward")}
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     busy = sum(getattr(e, key) for e in events if e.key not in halves) / 1e3
     print(f"  one dual step, batch {batch}: {1e3 * wall:.0f} ms wall under the profiler, {busy:.0f} ms of "
           f"{'device' if cuda else 'CPU'} time; " + "; ".join(f"{k}: {v:.0f} ms" for k, v in halves.items())
-          + (f"; {launches} kernel launches" if cuda else ""))
+          + (f"; {kernel_launches(events)} kernel launches" if cuda else ""))
     print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 

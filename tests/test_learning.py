@@ -6,6 +6,7 @@ noise levels), and the same prior with a normalization error of the sign the lea
 import torch
 
 import aebm
+import covariances as cv
 import data
 from experiments.learning import blind_deblurring_accuracy
 
@@ -43,8 +44,6 @@ def test_inpainting_split_matches_the_exact_posterior_variance_of_a_gaussian_fie
     x = ds.get_batch(48, torch.Generator().manual_seed(1234)).double()  # not the noise's seed (0): independent
     s_holes = (1e-1, 1e8)
     res = inpainting_split(ds.prior, other, x, s_holes=s_holes, sigma=0.05)
-    import covariances as cv
-
     missing = cv.box_mask((1, 1, 16, 16), 8)
     hole = missing.flatten()
     for s_hole in s_holes:
