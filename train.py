@@ -324,6 +324,9 @@ def build_energy(config, device="cpu"):
 def load_energy(path, device="cpu", use_ema=True):
     """(energy model in eval mode with the EMA weights, config) from a checkpoint."""
     ckpt = load_checkpoint(path, device)
+    if ckpt["config"].get("model", "energy") != "energy":
+        raise ValueError(f"{path} holds a plain denoiser, not an energy (experiments/denoiser.py); "
+                         f"measure it with python -m experiments.denoiser --ckpt {path}")
     energy = build_energy(ckpt["config"], device)
     try:
         # a checkpoint from before the learned constant lacks its zero-initialised heads: the same model
@@ -543,7 +546,7 @@ def run(args, stop):
             dist.broadcast(tensor.data, src=0)
     torch.manual_seed(20_000 + args.seed + rank)  # per-rank dropout
     ema = copy.deepcopy(net).requires_grad_(False).eval()  # never trained, so no dropout in validation
-    ema_energy = aebm.EnergyModel(ema, ds.mean, ds.var)
+    ema_energy = type(energy)(ema, ds.mean, ds.var)  # the same wrapper (experiments/denoiser.py swaps it)
     # foreach: every parameter's update in a few multi-tensor operations, not ~10 per tensor (torch's default
     # on CUDA, not on CPU; the same arithmetic)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, foreach=True)
@@ -552,6 +555,9 @@ def run(args, stop):
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, device)
         check_same_config(ckpt["config"], args, ckpt_path)
+        if ckpt["config"].get("model", "energy") != config.get("model", "energy"):
+            raise ValueError(f"checkpoint {ckpt_path} is a plain-denoiser control: resume it with "
+                             "python -m experiments.denoiser --resume and the same flags, or pass a new --out")
         if len(ckpt["rng"]) != world:
             raise ValueError(f"checkpoint {ckpt_path} was written by {len(ckpt['rng'])} processes; resume with as many")
         net.load_state_dict(ckpt["model"])

@@ -1,0 +1,132 @@
+"""
+The control for experiments/learning.py: the same UNet as a plain anisotropic denoiser, not an energy.
+
+When the learned energy restores worse than the Wiener filter (box inpainting, README, Learning), is
+it the energy that limits it (M3's form, the conservative field, the covariance-score loss) or the
+network and the training budget? This script answers by training the same network, on the same
+data, covariances and A-DSM loss, through train.py's own loop, as a direct estimator of the
+posterior mean (EDM's preconditioning, written per coordinate of Sigma's basis):
+
+    x^ = U^H( U mu + w * (z - U mu) + c_out * U F(U^H(sqrt(w) y~), Sigma) ),   c_out = sqrt(s w),
+
+with z = U y, v = sigma_d^2 + s, w = sigma_d^2 / v and y~ = v^{-1/2}(z - U mu), as in M3: the same
+network input, the same Gaussian part (at F = 0 both are the posterior mean of N(mu, sigma_d^2 I)).
+EDM's c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2) becomes sqrt(s_k w_k) per coordinate, so
+the network's output has unit scale at every noise level, a missing pixel included (c_out -> sigma_d).
+
+train.py trains energies: it differentiates E by z and regresses Tweedie's x^ = z - s dE/dz onto x
+(M5, here with the hour preset's EDM weighting). The denoiser goes through it unchanged as a
+"linear energy" whose z-gradient is its own score, s^{-1}(z - x^):
+
+    E(z) = 1/2 |z - U mu|^2 / v + Re< z, g >,   g = -sqrt(w / s) * U F   evaluated at z.detach(),
+
+so dE/dz = (z - U mu)/v + g and z - s dE/dz is exactly x^ above. E is not an energy (the field
+z -> x^ need not be a gradient), so the run is single score matching (--lam 0, forced) and nothing
+here uses E's values: blind estimation, MALA and log-probabilities are meaningless for it, and a
+checkpoint it writes is refused by sample.py.
+
+    python -m experiments.denoiser --preset hour --out runs/denoiser     # train (train.py's flags)
+    python -m experiments.denoiser --ckpt runs/denoiser/ckpt.pt          # measure (as experiments.learning)
+"""
+
+import math
+import sys
+
+import torch
+import torch.nn as nn
+
+import aebm
+import nets
+import train
+from experiments import learning
+
+
+class Denoiser(nn.Module):
+    """x^(y, Sigma) from a network F (nets.UNet), in the energy protocol's clothes (see the module docstring)."""
+
+    def __init__(self, net, mean=0.5, data_var=0.1):
+        super().__init__()
+        self.net, self.mean, self.data_var = net, float(mean), float(data_var)
+
+    def mean_z(self, z, cov):
+        return cov.U(torch.full(z.shape, self.mean, dtype=aebm.real_dtype(z), device=z.device))
+
+    def network_term(self, z, cov):
+        """U F(U^H(sqrt(w) y~), Sigma) in the basis, at the detached coordinates z (the same input as M3's)."""
+        z = z.detach()
+        v = self.data_var + cov.s
+        x_in = cov.Uh(math.sqrt(self.data_var) * (z - self.mean_z(z, cov)) / v)
+        return cov.U(self.net(x_in.to(next(self.net.parameters()).dtype), cov).to(aebm.real_dtype(z)))
+
+    def energy_z(self, z, cov, part="all"):
+        v = self.data_var + cov.s
+        g = -(self.data_var / (v * cov.s)).sqrt() * self.network_term(z, cov)  # sqrt(w / s) * U F
+        learned = aebm.sum_coords((z.conj() * g).real)  # its z-gradient is g (F sees z detached)
+        if part == "learned":
+            return learned
+        return aebm.sum_coords(0.5 * (z - self.mean_z(z, cov)).abs().square() / v) + learned
+
+    def forward(self, y, cov):
+        return self.energy_z(cov.U(y), cov)
+
+    @torch.no_grad()
+    def posterior_mean(self, y, cov):
+        """x^ directly: U^H(mu + w (z - mu) + c_out U F), c_out = sqrt(s w)."""
+        z = cov.U(y)
+        mu = self.mean_z(z, cov)
+        w = self.data_var / (self.data_var + cov.s)
+        return cov.Uh(mu + w * (z - mu) + (cov.s * w).sqrt() * self.network_term(z, cov))
+
+
+def build_denoiser(config, device="cpu"):
+    """train.build_energy's counterpart: the same network, wrapped as a Denoiser; the checkpoint's config
+    records it (train.load_energy refuses such a checkpoint: it is not an energy)."""
+    config["model"] = "denoiser"
+    net = nets.build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"))
+    net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
+    return Denoiser(net, config["data_mean"], config["data_var"])
+
+
+def load_denoiser(path, device="cpu"):
+    """(Denoiser with the EMA weights, config) from a checkpoint this script wrote."""
+    ckpt = train.load_checkpoint(path, device)
+    if ckpt["config"].get("model") != "denoiser":
+        raise ValueError(f"{path} is an energy checkpoint; measure it with python -m experiments.learning --ckpt {path}")
+    denoiser = build_denoiser(dict(ckpt["config"]), device)
+    denoiser.net.load_state_dict(ckpt["ema"])
+    return denoiser.eval(), ckpt["config"]
+
+
+def evaluate(path, n=32, seed=0):
+    """experiments.learning's restoration table and inpainting split for a denoiser checkpoint (no blind
+    tasks: they need a normalized energy)."""
+    denoiser, config = load_denoiser(path)
+    x, wiener = learning.held_out_and_fitted(config["dataset"], config["img_size"], config["channels"],
+                                             config["spectral_basis"], n, seed)
+    return dict(psnr=train.restoration_psnr(denoiser, wiener, x, config["spectral_basis"], seed),
+                inpaint_split=learning.inpainting_split(denoiser, wiener, x, seed=seed),
+                blind_inpaint=float("nan"), blind_deblur=float("nan"), config=config, n=n)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ckpt" in argv:
+        i = argv.index("--ckpt")
+        if i + 1 >= len(argv):
+            raise SystemExit("--ckpt needs a checkpoint path, e.g. --ckpt runs/denoiser/ckpt.pt")
+        path = argv[i + 1]
+        learning.print_table(evaluate(path), path)
+        return
+    if "--lam" in argv and float(argv[argv.index("--lam") + 1]) != 0:
+        raise SystemExit("the denoiser is not an energy: it trains with A-DSM alone (--lam 0, the default here)")
+    # train.py's loop, data, covariances, loss, checkpoints and resume, with this wrapper around the network
+    # (in-training validation: its restoration PSNRs are the denoiser's; its blind column and A-CSM are meaningless)
+    build_energy, train.build_energy = train.build_energy, build_denoiser
+    try:
+        train.main(argv + ["--lam", "0"] + ([] if "--out" in argv else ["--out", "runs/denoiser"]))
+    finally:
+        train.build_energy = build_energy
+
+
+if __name__ == "__main__":
+    main()

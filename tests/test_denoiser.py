@@ -1,0 +1,90 @@
+"""experiments/denoiser.py, the plain-denoiser control: its Tweedie through train.py's autograd path equals
+its direct formula, its loss equals EDM's weighted denoising loss written by hand, an untrained one is
+the posterior mean of N(mu, sigma_d^2 I) in closed form, and its checkpoints train, resume, are measured,
+and are refused where an energy is needed."""
+
+import os
+
+import pytest
+import torch
+
+import aebm
+import covariances as cv
+import nets
+import train
+from experiments import denoiser as dn
+
+SHAPE = (3, 3, 16, 16)
+
+
+def random_denoiser(seed=0):
+    """A tiny UNet whose zero-initialised output layer is randomised, so F is not 0."""
+    torch.manual_seed(seed)
+    net = nets.build_unet("tiny", 16, 3)
+    for p in net.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.3)
+    return dn.Denoiser(net.double(), 0.45, 0.08)
+
+
+def covariances():
+    return [cv.isotropic(0.02, SHAPE, "pixel", torch.float64),
+            cv.mask_covariance(cv.box_mask(SHAPE, 8), 1e3, 0.01, 3, torch.float64),
+            cv.blur_problem(SHAPE, 1.5, 0.05, "dct", dtype=torch.float64).covariance()]
+
+
+def white_gaussian():
+    """N(mu, sigma_d^2 I): the prior an untrained Denoiser (F = 0) is the posterior mean of."""
+    return aebm.GaussianEnergy(torch.full((3, 16, 16), 0.45, dtype=torch.float64),
+                               cv.isotropic(0.08, (1, 3, 16, 16), "pixel", torch.float64))
+
+
+@pytest.mark.parametrize("k", range(3))
+def test_the_training_path_gives_the_denoisers_own_posterior_mean_and_edm_loss(k):
+    model = random_denoiser()
+    cov = covariances()[k]
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(SHAPE, generator=g, dtype=torch.float64)
+    zeta = cv.white_noise(SHAPE, cov.basis, g, torch.float64)
+    y = x + cov.Uh(cov.s.sqrt() * zeta)
+    direct = model.posterior_mean(y, cov)
+    assert (direct - aebm.posterior_mean(white_gaussian(), y, cov)).abs().max() > 1e-2  # F is not 0
+    # Tweedie from the autograd gradient train.py uses: z - s dE/dz
+    z = cov.U(y)
+    _, score_z, _ = aebm.energy_and_scores(model, z, cov, need_log_s=False)
+    torch.testing.assert_close(cov.Uh(z - cov.s * score_z), direct, rtol=1e-9, atol=1e-9)
+    # A-DSM with the EDM weight = EDM's loss (x^ - x)^2 / c_out^2 per coordinate, c_out^2 = s sigma_d^2 / v
+    L_dsm, _ = aebm.dual_score_losses(model, x, cov, need_csm=False, zeta=zeta, dsm_weight=0.08)
+    c_out2 = cov.s * 0.08 / (0.08 + cov.s)
+    by_hand = ((cov.U(direct) - cov.U(x)).square() / c_out2).flatten(1).sum(1) / x[0].numel()
+    torch.testing.assert_close(L_dsm, by_hand, rtol=1e-9, atol=0)
+
+
+def test_an_untrained_denoiser_is_the_white_gaussians_posterior_mean():
+    """F = 0 (nets.UNet's output layer starts at zero): x^ = mu + sigma_d^2 / (sigma_d^2 + s) (y - mu) per
+    coordinate, the posterior mean of the prior N(mu, sigma_d^2 I) (M9 with C = sigma_d^2 I, GaussianEnergy)."""
+    model = dn.Denoiser(nets.build_unet("tiny", 16, 3).double(), 0.45, 0.08)
+    white = white_gaussian()
+    y = torch.rand(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for cov in covariances():
+        torch.testing.assert_close(model.posterior_mean(y, cov), aebm.posterior_mean(white, y, cov))
+
+
+def test_a_denoiser_run_trains_resumes_is_measured_and_is_refused_as_an_energy(tmp_path):
+    out = str(tmp_path / "den")
+    flags = ["--dataset", "deadleaves", "--img-size", "16", "--config", "tiny", "--batch", "4", "--log-every", "1",
+             "--eval-every", "2", "--ckpt-every", "2", "--val-batch", "2", "--device", "cpu", "--out", out]
+    dn.main(flags + ["--steps", "2"])
+    path = os.path.join(out, "ckpt.pt")
+    assert train.load_checkpoint(path)["config"]["model"] == "denoiser"
+    with pytest.raises(ValueError, match="plain denoiser, not an energy"):
+        train.load_energy(path)
+    with pytest.raises(ValueError, match="plain-denoiser control"):  # train.py will not resume it as an energy
+        train.main(flags + ["--steps", "3", "--resume"])
+    dn.main(flags + ["--steps", "3", "--resume"])
+    assert train.load_checkpoint(path)["step"] == 3
+    res = dn.evaluate(path, n=2)
+    assert set(res["psnr"]) == {"denoise", "inpaint", "deblur", "sr"}
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in res["psnr"].values())
+    with pytest.raises(SystemExit, match="--lam 0"):
+        dn.main(flags + ["--lam", "1"])
