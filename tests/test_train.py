@@ -384,6 +384,8 @@ def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
     assert args.p_hole == 0.5 and train.training_ranges(args)["p_hole"] == 0.5  # inpainting-like masks, hour only
     assert train.parse_args([]).p_hole == 0.0 and train.parse_args(["--dataset", "imagenet64"]).p_hole == 0.0
     assert train.parse_args(["--preset", "hour", "--p-hole", "0"]).p_hole == 0.0
+    assert args.lam == 0.2 and train.parse_args(["--preset", "hour", "--lam", "1"]).lam == 1.0  # A-CSM's weight
+    assert train.parse_args([]).lam == 1.0 and train.parse_args(["--dataset", "imagenet64"]).lam == 1.0
     g = torch.Generator().manual_seed(0)
     groups = cv.sample_training_covariances((64, 1, 8, 8), "dct", 0.1, generator=g, **train.training_ranges(args))
     s_min = min(cov.s.min().item() for _, cov in groups)
