@@ -117,7 +117,7 @@ def main(argv=None):
         path = argv[i + 1]
         learning.print_table(evaluate(path), path)
         return
-    if "--lam" in argv and float(argv[argv.index("--lam") + 1]) != 0:
+    if "--lam" in argv and argv[argv.index("--lam") + 1:][:1] != ["0"]:
         raise SystemExit("the denoiser is not an energy: it trains with A-DSM alone (--lam 0, the default here)")
     # train.py's loop, data, covariances, loss, checkpoints and resume, with this wrapper around the network
     # (in-training validation: its restoration PSNRs are the denoiser's; its blind column and A-CSM are meaningless)
