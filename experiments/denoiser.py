@@ -48,8 +48,7 @@ class Denoiser(nn.Module):
         super().__init__()
         self.net, self.mean, self.data_var = net, float(mean), float(data_var)
 
-    def mean_z(self, z, cov):
-        return cov.U(torch.full(z.shape, self.mean, dtype=aebm.real_dtype(z), device=z.device))
+    mean_z = aebm.EnergyModel.mean_z  # U mu in the basis, exactly as the energy forms it
 
     def network_term(self, z, cov):
         """U F(U^H(sqrt(w) y~), Sigma) in the basis, at the detached coordinates z (the same input as M3's)."""
