@@ -284,9 +284,10 @@ def read_celeba(root, split):
     return split_files(files, split)
 
 
-def load_dataset(name, img_size, channels=3, root=None, split="train"):
+def load_dataset(name, img_size, channels=3, root=None, split="train", leaf_radii=None):
     """The dataset `name` at img_size. channels applies to the built-in datasets and to image
-    folders; the others have their own (mnist 1, the rest 3)."""
+    folders; the others have their own (mnist 1, the rest 3). leaf_radii: (r_min, r_max) in pixels for
+    dead leaves (default 1 and img_size / 3); the other datasets ignore it."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if img_size < 1:
@@ -294,7 +295,10 @@ def load_dataset(name, img_size, channels=3, root=None, split="train"):
     if name == "gaussian":
         return GaussianField(img_size, channels)
     if name == "deadleaves":
-        return DeadLeaves(img_size, channels)
+        r_min, r_max = leaf_radii or (1.0, img_size / 3)
+        if not (0 < r_min < r_max):
+            raise ValueError(f"leaf radii must be 0 < R_MIN < R_MAX pixels, got {r_min:g} {r_max:g}")
+        return DeadLeaves(img_size, channels, r_min, r_max)
     if name not in ON_DISK:
         raise ValueError(f"unknown dataset {name!r}: use one of {BUILTIN + ON_DISK}")
     if root is None:

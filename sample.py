@@ -657,7 +657,8 @@ def load_prior(args, device, image_size=None):
     if image_size is not None:
         return energy, config, None
     name = args.dataset or config["dataset"]
-    ds = data.load_dataset(name, config["img_size"], config["channels"], args.data_dir, "test")
+    leaf_radii = config.get("leaf_radii") if name == config["dataset"] else None  # the dead leaves it was trained on
+    ds = data.load_dataset(name, config["img_size"], config["channels"], args.data_dir, "test", leaf_radii)
     return energy, config, ds
 
 

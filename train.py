@@ -86,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="directory of an on-disk dataset (see README, Datasets)")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the dataset's, e.g. 32 for deadleaves)")
     p.add_argument("--channels", type=int, default=3, help="1 or 3 (built-in datasets and image folders)")
+    p.add_argument("--leaf-radii", type=float, nargs=2, default=None, metavar=("R_MIN", "R_MAX"),
+                   help="dead leaves: smallest and largest disk radius in pixels (default 1 and IMG_SIZE/3)")
     p.add_argument("--config", default=None, help=f"network, one of {sorted(nets.CONFIGS)} (preset: small / paper64)")
     p.add_argument("--spectral-basis", default=None, choices=["fft", "dct"],
                    help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
@@ -160,6 +162,12 @@ def parse_args(argv=None):
                                   ("--dropout", args.dropout, 0 <= args.dropout < 1, "in [0, 1)")]:
         if not (math.isfinite(value) and ok):
             p.error(f"{flag} must be {what}, got {value}")
+    if args.leaf_radii is not None:
+        if args.dataset != "deadleaves":
+            p.error(f"--leaf-radii applies to --dataset deadleaves only, not {args.dataset}")
+        args.leaf_radii = tuple(args.leaf_radii)
+        if not (math.isfinite(args.leaf_radii[1]) and 0 < args.leaf_radii[0] < args.leaf_radii[1]):
+            p.error(f"--leaf-radii must be two radii 0 < R_MIN < R_MAX in pixels, got {args.leaf_radii[0]:g} {args.leaf_radii[1]:g}")
     args.s_range = tuple(args.s_range or (cv.S_MIN, cv.S_MAX))
     lo, hi = args.s_range
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi and lo < 1):
@@ -311,8 +319,19 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
+def leaf_radii(config):
+    """Dead leaves' (r_min, r_max) of a run's or a checkpoint's config, None for other datasets (the default
+    radii when none were given, and in checkpoints from before --leaf-radii)."""
+    if config.get("dataset") != "deadleaves":
+        return None
+    return tuple(config.get("leaf_radii") or (1.0, config["img_size"] / 3))
+
+
 def check_same_config(saved, args, path):
+    # the network's shape and dtype, and the data it learns
     diff = {k: (saved.get(k), getattr(args, k)) for k in ARCHITECTURE_KEYS if saved.get(k) != getattr(args, k)}
+    if leaf_radii(saved) != leaf_radii(vars(args)):
+        diff["leaf_radii"] = (leaf_radii(saved), leaf_radii(vars(args)))
     if diff:
         items = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"checkpoint {path} was trained with another configuration ({items}); "
@@ -525,8 +544,8 @@ def run(args, stop):
     # Data: per-rank generators. g_data (CPU) draws images, flips and covariances; g_noise the noise;
     # torch's global generator (seeded per rank below) drives dropout. All three are checkpointed;
     # validation draws from none of them (its own fixed generators, the EMA net in eval mode).
-    ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "train")
-    val_ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "test")
+    ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "train", args.leaf_radii)
+    val_ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "test", args.leaf_radii)
     args.channels = ds.channels
     g_data = torch.Generator().manual_seed(args.seed + rank)
     g_noise = torch.Generator(device).manual_seed(10_000 + args.seed + rank)
@@ -542,7 +561,7 @@ def run(args, stop):
     # the replicas, and identical averaged gradients on different weights would never agree.
     config = {k: getattr(args, k) for k in ARCHITECTURE_KEYS}
     config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam,
-                  dropout=args.dropout)
+                  dropout=args.dropout, leaf_radii=args.leaf_radii)
     torch.manual_seed(args.seed)
     energy = build_energy(config, device)
     net = energy.net

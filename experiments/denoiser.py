@@ -101,7 +101,7 @@ def evaluate(path, n=32, seed=0):
     tasks: they need a normalized energy)."""
     denoiser, config = load_denoiser(path)
     x, wiener = learning.held_out_and_fitted(config["dataset"], config["img_size"], config["channels"],
-                                             config["spectral_basis"], n, seed)
+                                             config["spectral_basis"], n, seed, config.get("leaf_radii"))
     return dict(psnr=train.restoration_psnr(denoiser, wiener, x, config["spectral_basis"], seed),
                 inpaint_split=learning.inpainting_split(denoiser, wiener, x, seed=seed),
                 blind_inpaint=float("nan"), blind_deblur=float("nan"), config=config, n=n)

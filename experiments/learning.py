@@ -43,18 +43,18 @@ def blind_deblurring_accuracy(energy, x, basis, seed=0):
     return hits / total
 
 
-def held_out_and_fitted(name, size, channels, basis, n=32, seed=0):
+def held_out_and_fitted(name, size, channels, basis, n=32, seed=0, leaf_radii=None):
     """The n held-out images every comparison here uses, and the classical prior: a Gaussian fitted to 512
-    training images (its posterior mean is the Wiener filter)."""
-    x = data.load_dataset(name, size, channels, None, "test").get_batch(n, torch.Generator().manual_seed(31_337 + seed))
-    fit = data.load_dataset(name, size, channels, None, "train").get_batch(512, torch.Generator().manual_seed(777_777))
+    training images (its posterior mean is the Wiener filter). leaf_radii: dead leaves' (train.py --leaf-radii)."""
+    x = data.load_dataset(name, size, channels, None, "test", leaf_radii).get_batch(n, torch.Generator().manual_seed(31_337 + seed))
+    fit = data.load_dataset(name, size, channels, None, "train", leaf_radii).get_batch(512, torch.Generator().manual_seed(777_777))
     return x, aebm.fit_gaussian(fit.double(), basis).float()
 
 
 def evaluate(path, n=32, seed=0, wiener_blind=False, split=False):
     energy, config = train.load_energy(path)
     name, size, channels, basis = config["dataset"], config["img_size"], config["channels"], config["spectral_basis"]
-    x, wiener = held_out_and_fitted(name, size, channels, basis, n, seed)
+    x, wiener = held_out_and_fitted(name, size, channels, basis, n, seed, config.get("leaf_radii"))
     psnr = train.restoration_psnr(energy, wiener, x, basis, seed)
     res = dict(psnr=psnr, blind_inpaint=train.blind_inpainting_accuracy(energy, x, seed),
                blind_deblur=blind_deblurring_accuracy(energy, x, basis, seed), config=config, n=n)

@@ -65,7 +65,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=8, help="held-out images")
     a = p.parse_args(argv)
     energy, config = train.load_energy(a.ckpt)
-    ds = data.load_dataset(config["dataset"], config["img_size"], config["channels"], None, "test")
+    ds = data.load_dataset(config["dataset"], config["img_size"], config["channels"], None, "test", config.get("leaf_radii"))
     x64 = ds.get_batch(a.n, torch.Generator().manual_seed(10_000)).double()
     gauss = train.build_energy(config)  # a fresh network: zero output layer, F = 0 (M3's Gaussian limit)
     print(f"{config['dataset']} {tuple(x64.shape[1:])}, sigma_n = {a.noise}, {a.n} images")

@@ -219,17 +219,18 @@ def main(argv=None):
         energy, config = train.load_energy(a.ckpt)
         size, channels, name = config["img_size"], config["channels"], a.dataset if a.dataset != "gaussian" else config["dataset"]
         basis = config.get("spectral_basis", "dct")
+        leaf_radii = config.get("leaf_radii") if name == config["dataset"] else None
     else:
         if a.prior != "exact" or a.dataset != "gaussian":
             raise ValueError("without --ckpt only --dataset gaussian --prior exact has an energy to run")
-        size, channels, name, basis = a.size, 1, "gaussian", "fft"
-    ds = data.load_dataset(name, size, channels, a.data_dir, "test")
+        size, channels, name, basis, leaf_radii = a.size, 1, "gaussian", "fft", None
+    ds = data.load_dataset(name, size, channels, a.data_dir, "test", leaf_radii)
     exact = copy.deepcopy(ds.prior) if name == "gaussian" else None
     if a.tune:
         print(tune(ds, exact, basis, a.nfe))
         return
     energy = energy if a.ckpt else exact
-    train_x = data.load_dataset(name, size, channels, a.data_dir, "train").get_batch(a.fit_images, torch.Generator().manual_seed(5))
+    train_x = data.load_dataset(name, size, channels, a.data_dir, "train", leaf_radii).get_batch(a.fit_images, torch.Generator().manual_seed(5))
     fitted = aebm.fit_gaussian(train_x, basis)
     table = run(energy, fitted, ds, exact, basis, a.n, a.samples, a.nfe, out=a.out)
     text = compact(table, exact is not None) + "\n" + markdown(table, exact is not None)

@@ -5,6 +5,7 @@ squares, on the same held-out images and noise as experiments/learning.py (READM
     python -m experiments.tv                                   # dead leaves 32x32x3: TV against Wiener
     python -m experiments.tv --ckpt runs/hour/ckpt.pt          # and a model's posterior means beside them
     python -m experiments.tv --ckpt runs/hour/ckpt.pt --noise 0.01   # deblurring and SR at another noise level
+    python -m experiments.tv --leaf-radii 2 32                 # dead leaves with other disk sizes
 
 Why: the Wiener filter is the best *linear* answer; how far a nonlinear estimator can get above it on
 these images says whether a threshold such as "+1 dB above Wiener at deblurring" is within reach of a
@@ -105,14 +106,16 @@ def tasks(x, basis, noise=None):
 
 
 def run(n=32, n_tune=16, seed=0, iters=1000, ckpt=None, dataset="deadleaves", size=32, channels=3, basis="dct",
-        noise=None):
-    """{task: dict(tv=, wiener=, observed=, model= (with ckpt), lam=)} in dB, mean over the held-out images."""
+        noise=None, leaf_radii=None):
+    """{task: dict(tv=, wiener=, observed=, model= (with ckpt), lam=)} in dB, mean over the held-out images.
+    leaf_radii: dead leaves' smallest and largest radius (train.py --leaf-radii); a checkpoint brings its own."""
     energy = None
     if ckpt is not None:
         energy, config = train.load_energy(ckpt)
         dataset, size, channels, basis = config["dataset"], config["img_size"], config["channels"], config["spectral_basis"]
-    x, wiener = held_out_and_fitted(dataset, size, channels, basis, n, seed)  # as experiments/learning.py
-    x_tune = data.load_dataset(dataset, size, channels, None, "train").get_batch(  # tuning: training images
+        leaf_radii = config.get("leaf_radii")
+    x, wiener = held_out_and_fitted(dataset, size, channels, basis, n, seed, leaf_radii)  # as experiments/learning.py
+    x_tune = data.load_dataset(dataset, size, channels, None, "train", leaf_radii).get_batch(  # tuning: training images
         n_tune, torch.Generator().manual_seed(4_242 + seed))
     lams = [0.002 * 1.5 ** k for k in range(14)]  # 0.002 ... 0.39; below ~0.005 deblurring needs > 2000 iterations
     if noise is not None and noise < 0.05:  # smaller noise, smaller lam (and more iterations to converge)
@@ -157,7 +160,11 @@ if __name__ == "__main__":
     p.add_argument("--iters", type=int, default=1000, help="primal-dual iterations (converged to 1e-3 dB at the chosen lam)")
     p.add_argument("--noise", type=float, default=None,
                    help="deblurring and SR alone, at this noise level (default: the four validation tasks)")
+    p.add_argument("--leaf-radii", type=float, nargs=2, default=None, metavar=("R_MIN", "R_MAX"),
+                   help="without --ckpt: dead leaves' smallest and largest radius in pixels (default 1 and 32/3)")
     a = p.parse_args()
     if a.noise is not None and not 0 < a.noise < 1:
         p.error(f"--noise must be in (0, 1), got {a.noise}")
-    print_table(run(a.n, iters=a.iters, ckpt=a.ckpt, noise=a.noise), a.n, a.noise)
+    if a.leaf_radii is not None and not 0 < a.leaf_radii[0] < a.leaf_radii[1]:
+        p.error(f"--leaf-radii must be two radii 0 < R_MIN < R_MAX, got {a.leaf_radii[0]:g} {a.leaf_radii[1]:g}")
+    print_table(run(a.n, iters=a.iters, ckpt=a.ckpt, noise=a.noise, leaf_radii=a.leaf_radii), a.n, a.noise)

@@ -386,6 +386,12 @@ def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
     assert train.parse_args(["--preset", "hour", "--p-hole", "0"]).p_hole == 0.0
     assert args.lam == 0.2 and train.parse_args(["--preset", "hour", "--lam", "1"]).lam == 1.0  # A-CSM's weight
     assert train.parse_args([]).lam == 1.0 and train.parse_args(["--dataset", "imagenet64"]).lam == 1.0
+    assert args.leaf_radii is None and train.parse_args(["--leaf-radii", "2", "32"]).leaf_radii == (2.0, 32.0)
+    for bad, message in ((["--leaf-radii", "3", "2"], "--leaf-radii must be"),
+                         (["--dataset", "gaussian", "--leaf-radii", "1", "2"], "--leaf-radii applies to")):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+        assert message in capsys.readouterr().err
     g = torch.Generator().manual_seed(0)
     groups = cv.sample_training_covariances((64, 1, 8, 8), "dct", 0.1, generator=g, **train.training_ranges(args))
     s_min = min(cov.s.min().item() for _, cov in groups)
@@ -410,3 +416,32 @@ def test_spectral_noise_max_reaches_the_anchor_and_bad_values_are_refused(capsys
     with pytest.raises(SystemExit):
         train.parse_args(["--s-range", "1e-4", "1e3", "--spectral-noise-max", "1e-5"])
     assert "--spectral-noise-max must be above LO" in capsys.readouterr().err
+
+
+def test_leaf_radii_travel_with_the_checkpoint_to_every_tool_that_reads_its_data(tmp_path, monkeypatch):
+    """--leaf-radii is saved in the checkpoint, a resume with other radii is refused, and every tool that
+    draws images for a checkpoint draws the dead leaves it was trained on."""
+    import sample
+    from experiments import learning, precision
+    flags = ["--dataset", "deadleaves", "--img-size", "8", "--config", "tiny", "--batch", "4", "--steps", "2",
+             "--out", str(tmp_path), "--log-every", "1", "--eval-every", "2", "--ckpt-every", "2", "--val-batch", "4",
+             "--val-restore", "0", "--device", "cpu"]
+    train.main(flags + ["--leaf-radii", "2", "8"])
+    path = str(tmp_path / "ckpt.pt")
+    assert torch.load(path, weights_only=True)["config"]["leaf_radii"] == (2.0, 8.0)
+    with pytest.raises(ValueError, match="another configuration.*leaf_radii"):
+        train.main(flags + ["--leaf-radii", "1", "8", "--resume"])
+    saved = {"dataset": "deadleaves", "img_size": 32}  # a checkpoint from before --leaf-radii: the default radii
+    assert train.leaf_radii(saved) == train.leaf_radii(vars(train.parse_args(["--leaf-radii", "1", str(32 / 3)])))
+    assert train.leaf_radii(saved) != train.leaf_radii(vars(train.parse_args(["--leaf-radii", "2", "32"])))
+    seen, load = [], data.load_dataset
+
+    def recording(name, size, channels=3, root=None, split="train", leaf_radii=None):
+        seen.append(leaf_radii)
+        return load(name, size, channels, root, split, leaf_radii)
+
+    monkeypatch.setattr(data, "load_dataset", recording)
+    learning.evaluate(path, n=1)
+    precision.main(["--ckpt", path, "--n", "1"])
+    sample.load_prior(sample.parse_args(["--ckpt", path]), "cpu")
+    assert len(seen) == 4 and all(r == (2.0, 8.0) for r in seen)  # held-out and fitting images, then one each
