@@ -74,6 +74,8 @@ class DeadLeaves:
     def __init__(self, img_size, channels, r_min=1.0, r_max=None, n_disks=None):
         self.img_size, self.channels = img_size, channels
         self.r_min, self.r_max = r_min, r_max or img_size / 3
+        if not (0 < self.r_min < self.r_max):
+            raise ValueError(f"leaf radii must be 0 < R_MIN < R_MAX pixels, got {self.r_min:g} {self.r_max:g}")
         # enough disks that the last ones almost surely cover the image (area ratio ~ 4 ln N)
         self.n_disks = n_disks or int(12 * img_size ** 2 / (math.pi * self.r_min * self.r_max))
         self.mean, self.var = 0.5, 1 / 12  # uniform intensities
@@ -295,10 +297,7 @@ def load_dataset(name, img_size, channels=3, root=None, split="train", leaf_radi
     if name == "gaussian":
         return GaussianField(img_size, channels)
     if name == "deadleaves":
-        r_min, r_max = leaf_radii or (1.0, img_size / 3)
-        if not (0 < r_min < r_max):
-            raise ValueError(f"leaf radii must be 0 < R_MIN < R_MAX pixels, got {r_min:g} {r_max:g}")
-        return DeadLeaves(img_size, channels, r_min, r_max)
+        return DeadLeaves(img_size, channels, *(leaf_radii or ()))  # no radii: the class's defaults
     if name not in ON_DISK:
         raise ValueError(f"unknown dataset {name!r}: use one of {BUILTIN + ON_DISK}")
     if root is None:

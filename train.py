@@ -324,7 +324,8 @@ def leaf_radii(config):
     radii when none were given, and in checkpoints from before --leaf-radii)."""
     if config.get("dataset") != "deadleaves":
         return None
-    return tuple(config.get("leaf_radii") or (1.0, config["img_size"] / 3))
+    leaves = data.DeadLeaves(config["img_size"], 1, *(config.get("leaf_radii") or ()))  # cheap: draws nothing
+    return leaves.r_min, leaves.r_max
 
 
 def check_same_config(saved, args, path):
