@@ -190,7 +190,7 @@ def test_training_on_gaussian_data_approaches_the_exact_floor(tmp_path):
     out = tmp_path / "g"
     args = ["--dataset", "gaussian", "--img-size", "8", "--channels", "1", "--config", "tiny", "--batch", "16",
             "--lr", "1e-3", "--warmup", "20", "--eval-every", "1000", "--out", str(out), "--device", "cpu",
-            "--val-batch", "4"]
+            "--val-batch", "4", "--dsm-weight", "none", "--p-hole", "0", "--s-range", "1e-6", "1e3", "--lam", "1"]
     train.main(args + ["--steps", "1"])
     first, _ = train.load_energy(str(out / "ckpt.pt"), use_ema=False)
     train.main(args + ["--steps", "300"])
@@ -379,13 +379,16 @@ def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
     impossible range is refused at parse time naming the flag."""
     args = train.parse_args(["--preset", "hour", "--steps", "7"])
     assert (args.batch, args.steps, args.ema, args.s_range, args.dsm_weight) == (16, 7, 0.999, (1e-4, 1e3), "edm")
-    assert train.parse_args([]).s_range == (cv.S_MIN, cv.S_MAX)  # the quick preset keeps the full range
-    assert train.parse_args([]).dsm_weight == "none" and train.parse_args(["--preset", "hour", "--dsm-weight", "none"]).dsm_weight == "none"
-    assert args.p_hole == 0.5 and train.training_ranges(args)["p_hole"] == 0.5  # inpainting-like masks, hour only
-    assert train.parse_args([]).p_hole == 0.0 and train.parse_args(["--dataset", "imagenet64"]).p_hole == 0.0
+    paper = train.parse_args(["--dataset", "imagenet64"])  # the paper's losses, over the full range of variances
+    assert paper.s_range == (cv.S_MIN, cv.S_MAX) and paper.dsm_weight == "none" and paper.p_hole == 0.0 and paper.lam == 1.0
+    quick = train.parse_args([])  # the quickstart takes the hour preset's loss choices, at twice its learning rate
+    assert (quick.s_range, quick.dsm_weight, quick.p_hole, quick.lam) == ((1e-4, 1e3), "edm", 0.5, 0.2)
+    assert (quick.batch, quick.steps, quick.lr) == (8, 400, 2e-3)
+    assert train.parse_args(["--s-range", "1e-6", "1e3"]).s_range == (cv.S_MIN, cv.S_MAX)  # a flag wins over the preset
+    assert train.parse_args(["--preset", "hour", "--dsm-weight", "none"]).dsm_weight == "none"
+    assert args.p_hole == 0.5 and train.training_ranges(args)["p_hole"] == 0.5  # inpainting-like masks
     assert train.parse_args(["--preset", "hour", "--p-hole", "0"]).p_hole == 0.0
     assert args.lam == 0.2 and train.parse_args(["--preset", "hour", "--lam", "1"]).lam == 1.0  # A-CSM's weight
-    assert train.parse_args([]).lam == 1.0 and train.parse_args(["--dataset", "imagenet64"]).lam == 1.0
     assert args.leaf_radii is None and train.parse_args(["--leaf-radii", "2", "32"]).leaf_radii == (2.0, 32.0)
     for bad, message in ((["--leaf-radii", "3", "2"], "--leaf-radii must be"),
                          (["--dataset", "gaussian", "--leaf-radii", "1", "2"], "--leaf-radii applies to")):
