@@ -98,7 +98,8 @@ def parse_args(argv=None):
                    help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
     p.add_argument("--p-iso", type=float, default=0.1, help="fraction of isotropic training covariances")
     p.add_argument("--s-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help=f"range of the log-uniform training variances (default {cv.S_MIN:g} {cv.S_MAX:g}; noise of "
+                   help=f"range of the log-uniform training variances (default {cv.S_MIN:g} {cv.S_MAX:g}; preset: 1e-4 "
+                        "1e3 for quick and hour; noise of "
                         "spectral draws up to min(HI, --spectral-noise-max))")
     p.add_argument("--spectral-noise-max", type=float, default=1.0,
                    help="largest noise variance of the blur/SR training draws (log-uniform from LO of --s-range); "
@@ -106,12 +107,12 @@ def parse_args(argv=None):
     p.add_argument("--p-hole", type=float, default=None,
                    help="fraction of training masks drawn like inpainting: hole variance in [1, HI], observed in "
                         "[LO, 1e-2] (cv.sample_training_covariances); 0: independent draws, as in the paper "
-                        "(preset: 0.5 for hour, else 0)")
+                        "(preset: 0.5 for quick and hour, else 0)")
     p.add_argument("--lam", type=float, default=None,
-                   help="weight of the A-CSM loss (M8); 0 = DSM-only (preset: 0.2 for hour, else 1)")
+                   help="weight of the A-CSM loss (M8); 0 = DSM-only (preset: 0.2 for quick and hour, else 1)")
     p.add_argument("--dsm-weight", default=None, choices=["none", "edm"],
                    help="edm: weight A-DSM's coordinates by (s + sigma_d^2)/sigma_d^2, so that missing pixels count "
-                        "(aebm.dual_score_losses); none: M5 as written (preset: edm for hour, else none)")
+                        "(aebm.dual_score_losses); none: M5 as written (preset: edm for quick and hour, else none)")
     p.add_argument("--antithetic", type=int, default=0, choices=[0, 1],
                    help="1: noise every image twice, with zeta and its antithetic twin (equal law, the A-CSM "
                         "target's sum nearly cancels: a flatter offset across noise levels); twice the cost per "
