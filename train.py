@@ -45,11 +45,11 @@ import nets
 # paper's per-GPU batch, a dual step takes 597 ms with TF32 against 675 ms with bf16 (the casts cost
 # more than they save at batch 16), and TF32 keeps the energy ~15x closer to float32 (README, Benchmarks).
 PRESETS = {
-    # The quickstart: 400 steps of batch 8 (~4 min on 2 CPU cores) with the hour preset's loss choices (below) and
-    # twice its learning rate. Measured on 32 held-out dead-leaves images (README, Learning): the paper's losses
-    # (M5, lam = 1, variances from 1e-6) left the Wiener filter's model (denoising -0.19 dB, inpainting -0.84 dB,
-    # blind inpainting 0.34); these give +0.40 dB at denoising, -0.59 dB at inpainting and 0.48, and lr 1e-3
-    # +0.26 dB. The experiments on the Gaussian field pass the paper's losses themselves.
+    # The quickstart: 400 steps of batch 8 (~4 min on 2 CPU cores) with the hour preset's loss choices (below) at
+    # twice its learning rate. Measured on 32 held-out dead-leaves images against the fitted Wiener filter (README,
+    # Learning): with the paper's losses (M5, lam = 1, variances from 1e-6) the model was the Wiener filter
+    # (denoising -0.19 dB, inpainting -0.84 dB, blind inpainting right on 0.34); with these, +0.40 dB, -0.59 dB
+    # and 0.48 (+0.26 dB at denoising with lr 1e-3). The Gaussian-field experiments pass the paper's losses.
     "quick": dict(config="small", batch=8, steps=400, lr=2e-3, warmup=50, decay="cosine", decay_every=0, ema=0.99,
                   log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False, s_range=(1e-4, 1e3),
                   dsm_weight="edm", p_hole=0.5, lam=0.2),
