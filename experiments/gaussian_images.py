@@ -38,9 +38,7 @@ def train_pair(size, config, steps, out, seed=0, batch=16, lr=1e-3):
                     "--batch", str(batch), "--steps", str(steps), "--lr", str(lr), "--warmup", "20",
                     "--decay", "step", "--decay-every", str(max(steps // 2, 1)), "--eval-every", str(10 * steps),
                     "--log-every", str(max(steps // 4, 1)), "--out", run_dir, "--lam", lam, "--seed", str(seed),
-                    "--device", "cpu", "--val-batch", "4",
-                    # the paper's losses over the full variance range (the quick preset tunes them for images)
-                    "--dsm-weight", "none", "--p-hole", "0", "--s-range", "1e-6", "1e3"])
+                    "--device", "cpu", "--val-batch", "4", *train.PAPER_LOSSES])
         models[name] = train.load_energy(os.path.join(run_dir, "ckpt.pt"))[0]
     return models
 

@@ -190,7 +190,7 @@ def test_training_on_gaussian_data_approaches_the_exact_floor(tmp_path):
     out = tmp_path / "g"
     args = ["--dataset", "gaussian", "--img-size", "8", "--channels", "1", "--config", "tiny", "--batch", "16",
             "--lr", "1e-3", "--warmup", "20", "--eval-every", "1000", "--out", str(out), "--device", "cpu",
-            "--val-batch", "4", "--dsm-weight", "none", "--p-hole", "0", "--s-range", "1e-6", "1e3", "--lam", "1"]
+            "--val-batch", "4", *train.PAPER_LOSSES, "--lam", "1"]
     train.main(args + ["--steps", "1"])
     first, _ = train.load_energy(str(out / "ckpt.pt"), use_ema=False)
     train.main(args + ["--steps", "300"])
