@@ -97,13 +97,14 @@ def load_denoiser(path, device="cpu"):
 
 
 def evaluate(path, n=32, seed=0):
-    """experiments.learning's restoration table and inpainting split for a denoiser checkpoint (no blind
-    tasks: they need a normalized energy)."""
+    """experiments.learning's restoration table, inpainting split and denoising along the noise axis for a
+    denoiser checkpoint (no blind tasks: they need a normalized energy)."""
     denoiser, config = load_denoiser(path)
     x, wiener = learning.held_out_and_fitted(config["dataset"], config["img_size"], config["channels"],
                                              config["spectral_basis"], n, seed, config.get("leaf_radii"))
     return dict(psnr=train.restoration_psnr(denoiser, wiener, x, config["spectral_basis"], seed),
                 inpaint_split=learning.inpainting_split(denoiser, wiener, x, seed=seed),
+                by_noise=learning.denoising_by_noise(denoiser, wiener, x, config["spectral_basis"], seed=seed),
                 blind_inpaint=float("nan"), blind_deblur=float("nan"), config=config, n=n)
 
 

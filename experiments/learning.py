@@ -13,7 +13,8 @@ deblurring (b = 1.5, sigma 0.05) and SR x2 (sigma 0.05); blind inpainting accura
 its own: box 1/4, 1/2, 3/4 of the size x noise 0.02, 0.05, 0.1) and blind deblurring accuracy (blur
 1, 1.5, 2 px x noise 0.02, 0.05, 0.1), the truth being one of the candidates; with --wiener-blind 1,
 the fitted Gaussian's blind accuracies from its own normalized energy too; with --split 1, box
-inpainting's error inside the hole (the fill) and on the observed pixels, model and Wiener. It also redraws the
+inpainting's error inside the hole (the fill) and on the observed pixels, model and Wiener; with --by-noise 1,
+denoising at every noise level from 0.01 to 1 (where along the noise axis the model gains or loses). It also redraws the
 run's learning curves (OUT/curves.png) from its log.csv. --compare draws several runs' curves in one
 figure against training steps (wall time differs between runs and machines; steps do not).
 """
@@ -51,7 +52,7 @@ def held_out_and_fitted(name, size, channels, basis, n=32, seed=0, leaf_radii=No
     return x, aebm.fit_gaussian(fit.double(), basis).float()
 
 
-def evaluate(path, n=32, seed=0, wiener_blind=False, split=False):
+def evaluate(path, n=32, seed=0, wiener_blind=False, split=False, by_noise=False):
     energy, config = train.load_energy(path)
     name, size, channels, basis = config["dataset"], config["img_size"], config["channels"], config["spectral_basis"]
     x, wiener = held_out_and_fitted(name, size, channels, basis, n, seed, config.get("leaf_radii"))
@@ -60,6 +61,8 @@ def evaluate(path, n=32, seed=0, wiener_blind=False, split=False):
                blind_deblur=blind_deblurring_accuracy(energy, x, basis, seed), config=config, n=n)
     if split:
         res["inpaint_split"] = inpainting_split(energy, wiener, x, seed=seed)
+    if by_noise:
+        res["by_noise"] = denoising_by_noise(energy, wiener, x, basis, seed=seed)
     if wiener_blind:  # the classical answer to the blind tasks: the fitted Gaussian's own normalized energy
         # (pixel-basis masks are not diagonal in its basis: dense per-channel solves, ~10 min at 32x32x3)
         res["wiener_blind_inpaint"] = train.blind_inpainting_accuracy(wiener, x, seed)
@@ -86,6 +89,17 @@ def inpainting_split(energy, wiener, x, s_holes=(1e1, 1e3, cv.S_HUGE), sigma=0.0
     return out
 
 
+NOISE_LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def denoising_by_noise(energy, wiener, x, basis, sigmas=NOISE_LEVELS, seed=0):
+    """{sigma: (PSNR of the model's posterior mean, of the Wiener filter's, of the observation)} for white
+    noise of each std in sigmas, the same images and noise for all three (the validation's denoising task,
+    swept along the noise axis)."""
+    tasks = [(s, cv.denoising_problem(x.shape, s, dtype=x.dtype, device=x.device)) for s in sigmas]
+    return train.restoration_psnr(energy, wiener, x, basis, seed, tasks)
+
+
 def print_table(res, label):
     print(f"{label}: {res['config']['dataset']} {res['config']['img_size']}x{res['config']['img_size']}, "
           f"{res['n']} held-out images, float32")
@@ -101,6 +115,10 @@ def print_table(res, label):
         for s_hole, r in res["inpaint_split"].items():
             (mh, mo), (wh, wo) = r["model"], r["wiener"]
             print(f"  hole variance {s_hole:.0e}: model {mh:.4f} / {mo:.5f}, Wiener {wh:.4f} / {wo:.5f}")
+    if "by_noise" in res:
+        print("denoising along the noise axis: | σ | model | Wiener | observation | model - Wiener |")
+        for sigma, (m, w, o) in res["by_noise"].items():
+            print(f"| {sigma:g} | {m:.2f} dB | {w:.2f} dB | {o:.2f} dB | {m - w:+.2f} dB |")
     if "wiener_blind_inpaint" in res:
         print(f"fitted Gaussian: blind inpainting accuracy {res['wiener_blind_inpaint']:.2f}; blind deblurring "
               f"accuracy {res['wiener_blind_deblur']:.2f}")
@@ -132,6 +150,8 @@ if __name__ == "__main__":
     p.add_argument("--split", type=int, default=0, choices=[0, 1],
                    help="1: also box inpainting's error split into the hole and the observed pixels, for hole "
                         "variances 1e1, 1e3 and the task's 1e8")
+    p.add_argument("--by-noise", type=int, default=0, choices=[0, 1],
+                   help=f"1: also denoising at each noise std in {NOISE_LEVELS}, model against Wiener")
     p.add_argument("--tasks", nargs="*", default=["denoise", "inpaint", "deblur", "sr"], help="with --compare")
     p.add_argument("--plot", default="runs/learning_compare.png", help="with --compare: the figure")
     a = p.parse_args()
@@ -141,7 +161,8 @@ if __name__ == "__main__":
             raise SystemExit("--compare takes NAME=PATH/log.csv items, e.g. edm=runs/hour/log.csv")
         print("figure:", compare_curves(runs, a.tasks, a.plot))
         raise SystemExit(0)
-    print_table(evaluate(a.ckpt, a.n, wiener_blind=bool(a.wiener_blind), split=bool(a.split)), a.ckpt)
+    print_table(evaluate(a.ckpt, a.n, wiener_blind=bool(a.wiener_blind), split=bool(a.split),
+                         by_noise=bool(a.by_noise)), a.ckpt)
     curves = train.draw_curves(os.path.join(os.path.dirname(a.ckpt), "log.csv"),
                                os.path.join(os.path.dirname(a.ckpt), "curves.png"))
     print("curves:", curves)

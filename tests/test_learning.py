@@ -54,3 +54,25 @@ def test_inpainting_split_matches_the_exact_posterior_variance_of_a_gaussian_fie
         assert abs(mse_obs / var[~hole].mean().item() - 1) < 0.15, (s_hole, mse_obs, var[~hole].mean().item())
         assert res[s_hole]["wiener"][0] > 1.02 * mse_hole  # the wrong prior fills worse
     assert res[1e8]["model"][0] > 1.3 * res[1e-1]["model"][0]  # (0.033 against 0.020 in closed form)
+
+
+def test_denoising_by_noise_matches_the_closed_form_posterior_variance_of_a_gaussian_field():
+    """Along the noise axis, the exact prior's posterior-mean PSNR must be what its posterior covariance
+    gives in closed form (M9: mean squared error = mean of the diagonal, 10 log10 of it per image, which
+    at 256 pixels per image differs from the log of the mean by ~0.02 dB); the observation's must be
+    -10 log10 sigma^2; and a prior of another spectrum must do no better at any level."""
+    from experiments.learning import denoising_by_noise
+
+    ds = data.GaussianField(16, 1)
+    other = data.GaussianField(16, 1, alpha=1.0).prior
+    x = ds.get_batch(48, torch.Generator().manual_seed(4321)).double()
+    sigmas = (0.02, 0.1, 0.5)
+    res = denoising_by_noise(ds.prior, other, x, "fft", sigmas=sigmas)
+    assert list(res) == list(sigmas)
+    for sigma, (model, wrong, observed) in res.items():
+        var = ds.prior.posterior_cov(cv.isotropic(sigma ** 2, (1, 1, 16, 16), dtype=torch.float64))[0].diagonal()
+        closed_form = -10 * torch.log10(var.mean()).item()
+        assert abs(model - closed_form) < 0.25, (sigma, model, closed_form)
+        assert abs(observed + 20 * torch.log10(torch.tensor(sigma)).item()) < 0.25, (sigma, observed)
+        assert wrong < model + 0.02, (sigma, wrong, model)
+    assert res[0.1][0] - res[0.1][1] > 0.15 and res[0.5][0] - res[0.5][1] > 0.15  # (0.28 and 0.30 dB here)
