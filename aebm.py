@@ -260,7 +260,7 @@ class CudaGraphEnergy:
 # Dual score matching (docs/method.md §4).
 
 def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, dsm_weight=None,
-                      antithetic=False):
+                      antithetic=False, csm="coords"):
     """Per-image A-DSM and A-CSM losses for clean images x (B, C, H, W) under covariances cov.
     y = x + U^H(sqrt(s) zeta), zeta drawn here unless given (basis coordinates of white noise, as
     cov.sample returns them); returns (L_dsm, L_csm), each (B,) (L_csm is None if not need_csm).
@@ -276,7 +276,15 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
     (covariances.antithetic_partner), and its losses are the mean of the two. Each twin has the law
     of white noise, so the expected losses are unchanged (tests/test_energy.py checks them against
     their closed form); the pair cancels most of the noise in the summed A-CSM target, which is what
-    the energy's offset across noise levels is learned from. It costs two evaluations per image."""
+    the energy's offset across noise levels is learned from. It costs two evaluations per image.
+
+    csm: "coords" (M6, M7 as written: every coordinate's dE/dlog s_k regresses its own target) or "sum"
+    (aebm's addition: the sum over coordinates regresses the summed target, the isotropic parent paper's
+    covariance score taken along the ray Sigma e^t). sum_k dE/dlog s_k is dE/dt at t = 0 for Sigma e^t, and
+    every ray ends at M3's anchor (s -> infinity), so the summed regression still ties each energy to the
+    anchor: it still normalizes, and the exact energy still minimises it (tests/test_energy.py). It asks the
+    network for one number per image, not d: with "coords" it must also give each coordinate's posterior
+    second moment, E[zeta_k^2 | y] (README, Learning)."""
     if zeta is None:
         zeta = white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
     if antithetic:
@@ -284,7 +292,7 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
         twins = Covariance(torch.cat([cov.s, cov.s]), cov.basis, check=False)
         zeta = torch.cat([zeta, antithetic_partner(zeta)])
         L_dsm, L_csm = dual_score_losses(energy, torch.cat([x, x]), twins, need_csm=need_csm, zeta=zeta,
-                                         dsm_weight=dsm_weight)
+                                         dsm_weight=dsm_weight, csm=csm)
         return (L_dsm[:B] + L_dsm[B:]) / 2, None if L_csm is None else (L_csm[:B] + L_csm[B:]) / 2
     # z = U y formed in the basis, never as pixels: a dropped frequency (s = 1e8) would put values
     # ~1e4 in every pixel and round away the informative coordinates' low noise in float32.
@@ -298,16 +306,19 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
         return L_dsm, None
     # (M6, M7) A-CSM: dE/dlog s_k should regress the target 1/2 (1 - |zeta_k|^2)
     target = 0.5 * (1 - zeta.abs().square())
-    L_csm = (score_log_s - target).square().flatten(1).sum(1) / d
+    if csm == "sum":  # the total derivative along Sigma e^t: one regression per image (its variance d/2, so / d)
+        L_csm = (score_log_s - target).flatten(1).sum(1).square() / d
+    else:
+        L_csm = (score_log_s - target).square().flatten(1).sum(1) / d
     return L_dsm, L_csm
 
 
 def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, dsm_weight=None,
-                    antithetic=False):
+                    antithetic=False, csm="coords"):
     """L = L_DSM + lam L_CSM averaged over the batch (M8); lam = 0 is single (DSM-only) score matching.
     cov_groups: a Covariance for the whole batch, or the list of (slice, Covariance) groups that
     covariances.sample_training_covariances returns; zetas: optional noise per group (tests use it
-    to feed identical noise to different runs); dsm_weight, antithetic: see dual_score_losses.
+    to feed identical noise to different runs); dsm_weight, antithetic, csm: see dual_score_losses.
     Returns (L, L_dsm mean, L_csm mean), the two parts detached for logging (L_csm is NaN when
     lam = 0: single score matching never computes it)."""
     if isinstance(cov_groups, Covariance):
@@ -316,7 +327,7 @@ def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, 
     for i, (idx, cov) in enumerate(cov_groups):
         zeta = zetas[i] if zetas is not None else None
         L_dsm, L_csm = dual_score_losses(energy, x[idx], cov, generator, need_csm=lam != 0, zeta=zeta,
-                                         dsm_weight=dsm_weight, antithetic=antithetic)
+                                         dsm_weight=dsm_weight, antithetic=antithetic, csm=csm)
         dsm.append(L_dsm)
         csm.append(L_csm if L_csm is not None else torch.full_like(L_dsm, float("nan")))
     L_dsm, L_csm = torch.cat(dsm).mean(), torch.cat(csm).mean()

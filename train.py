@@ -121,6 +121,9 @@ def parse_args(argv=None):
                    help="1: noise every image twice, with zeta and its antithetic twin (equal law, the A-CSM "
                         "target's sum nearly cancels: a flatter offset across noise levels); twice the cost per "
                         "image, so halve --batch for equal compute")
+    p.add_argument("--csm", default="coords", choices=["coords", "sum"],
+                   help="A-CSM per coordinate (M6, M7 as written) or its sum over coordinates, the total derivative "
+                        "along Sigma e^t (still normalizes; one regression per image instead of d)")
     p.add_argument("--batch", type=int, default=None, help="global batch size, split over ranks")
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate after warm-up")
@@ -256,7 +259,7 @@ def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16) and x.device.type == "cuda"):
         weight = energy.data_var if args.dsm_weight == "edm" else None
         L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas,
-                                               dsm_weight=weight, antithetic=bool(args.antithetic))
+                                               dsm_weight=weight, antithetic=bool(args.antithetic), csm=args.csm)
     # Only the parameters' gradients: a plain L.backward() would also carry the gradient on to the other
     # leaves of the graph, the z and log s that aebm.energy_and_scores differentiates the energy by (through
     # the whitening, the basis transforms and the first convolution), which nothing reads: ~6% of the

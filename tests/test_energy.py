@@ -137,12 +137,12 @@ def test_tweedie_equals_wiener_on_the_diagonal_fast_path(basis):
             torch.testing.assert_close(x_hat[b].flatten(), wiener, atol=1e-8, rtol=0)
 
 
-def per_sample_losses(energy, prior, cov_fn, n=4000, seed=0):
+def per_sample_losses(energy, prior, cov_fn, n=4000, seed=0, csm="coords"):
     """Per-sample L_DSM, L_CSM with x ~ prior; the same seed gives the same x and noise (common
     random numbers), so differences between energies are paired."""
     g = torch.Generator().manual_seed(seed)
     x = prior.sample(n, g)
-    return aebm.dual_score_losses(energy, x, cov_fn(n), generator=g)
+    return aebm.dual_score_losses(energy, x, cov_fn(n), generator=g, csm=csm)
 
 
 def significantly_larger(a, b):
@@ -180,6 +180,36 @@ def test_dsm_cannot_see_a_sigma_dependent_constant_but_csm_can():
     assert significantly_larger(got[1], ref[1])  # A-CSM detects it
     # and by exactly the expected amount: dc/dlog s_k = 0.3 adds 0.3^2 in expectation
     assert abs((got[1] - ref[1]).mean().item() - 0.09) < 0.01
+
+
+@pytest.mark.parametrize("basis", ["fft", "pixel"])
+def test_the_summed_csm_is_still_minimised_by_the_exact_energy_and_sees_a_sigma_dependent_constant(basis):
+    """--csm sum regresses sum_k dE/dlog s_k on the summed target. The exact energy must still be its
+    minimiser (wrong spectra and a wrong mean lose, paired), and a constant c(Sigma) = 0.3 sum_k log s_k,
+    invisible to A-DSM, must cost exactly E[(0.3 d)^2] / d = 0.09 d more (d = 16; per coordinate it costs
+    0.09); and per image the loss is the square of the summed per-coordinate residuals, over d."""
+    true = stationary_prior()
+    if basis == "fft":
+        cov_fn = lambda n: cv.blur_problem((n, 1, 4, 4), 0.8, 0.3, "fft").covariance()
+    else:
+        cov_fn = lambda n: cv.mask_covariance(cv.box_mask((n, 1, 4, 4), 2), 0.5, 0.05, 1)
+    ref = per_sample_losses(true, true, cov_fn, csm="sum")
+    for wrong in (stationary_prior(scale=1.5), stationary_prior(scale=0.6), stationary_prior(shift=0.3)):
+        assert significantly_larger(per_sample_losses(wrong, true, cov_fn, csm="sum")[1], ref[1])
+    shifted = lambda y, cov: true(y, cov) + 0.3 * cov.log_s.flatten(1).sum(1)
+    got = per_sample_losses(shifted, true, cov_fn, csm="sum")
+    torch.testing.assert_close(got[0], ref[0], atol=1e-12, rtol=1e-12)  # A-DSM unchanged
+    assert abs((got[1] - ref[1]).mean().item() - 0.09 * 16) < 0.1
+    # the summed loss from the per-coordinate residuals, written out: (sum_k r_k)^2 / d
+    g = torch.Generator().manual_seed(0)
+    x = true.sample(8, g)
+    cov = cov_fn(8)
+    zeta = cv.white_noise(cov.s.shape, cov.basis, g)
+    z = cov.U(x) + cov.s.sqrt() * zeta
+    _, _, score_log_s = aebm.energy_and_scores(true, z, cov)
+    residual = score_log_s - 0.5 * (1 - zeta.abs().square())
+    summed = aebm.dual_score_losses(true, x, cov, zeta=zeta, csm="sum")[1]
+    torch.testing.assert_close(summed, residual.flatten(1).sum(1).square() / 16)
 
 
 def test_dual_score_loss_combines_groups_and_the_dsm_only_switch():
