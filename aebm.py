@@ -323,14 +323,14 @@ def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, 
     lam = 0: single score matching never computes it)."""
     if isinstance(cov_groups, Covariance):
         cov_groups = [(slice(0, x.shape[0]), cov_groups)]
-    dsm, csm = [], []
+    dsm_parts, csm_parts = [], []
     for i, (idx, cov) in enumerate(cov_groups):
         zeta = zetas[i] if zetas is not None else None
         L_dsm, L_csm = dual_score_losses(energy, x[idx], cov, generator, need_csm=lam != 0, zeta=zeta,
                                          dsm_weight=dsm_weight, antithetic=antithetic, csm=csm)
-        dsm.append(L_dsm)
-        csm.append(L_csm if L_csm is not None else torch.full_like(L_dsm, float("nan")))
-    L_dsm, L_csm = torch.cat(dsm).mean(), torch.cat(csm).mean()
+        dsm_parts.append(L_dsm)
+        csm_parts.append(L_csm if L_csm is not None else torch.full_like(L_dsm, float("nan")))
+    L_dsm, L_csm = torch.cat(dsm_parts).mean(), torch.cat(csm_parts).mean()
     L = L_dsm + lam * L_csm if lam != 0 else L_dsm
     return L, L_dsm.detach(), L_csm.detach()
 
