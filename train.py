@@ -123,7 +123,8 @@ def parse_args(argv=None):
                         "image, so halve --batch for equal compute")
     p.add_argument("--csm", default="coords", choices=["coords", "sum"],
                    help="A-CSM per coordinate (M6, M7 as written) or its sum over coordinates, the total derivative "
-                        "along Sigma e^t (still normalizes; one regression per image instead of d)")
+                        "along Sigma e^t (still normalizes; one regression per image instead of d); validation logs "
+                        "the per-coordinate loss either way")
     p.add_argument("--batch", type=int, default=None, help="global batch size, split over ranks")
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate after warm-up")

@@ -151,6 +151,13 @@ def significantly_larger(a, b):
     return diff.mean() > 4 * diff.std() / math.sqrt(len(diff))
 
 
+def small_covariance(basis):
+    """n -> the covariance of n 4x4 images: a blur (fft) or a box mask (pixel)."""
+    if basis == "fft":
+        return lambda n: cv.blur_problem((n, 1, 4, 4), 0.8, 0.3, "fft").covariance()
+    return lambda n: cv.mask_covariance(cv.box_mask((n, 1, 4, 4), 2), 0.5, 0.05, 1)
+
+
 def stationary_prior(scale=1.0, shift=0.0):
     c = symmetric_spectrum(1, 4, 4, seed=9)[None] * 0.2
     return aebm.GaussianEnergy(0.5 + shift, cv.Covariance(c * scale, "fft"))
@@ -159,10 +166,7 @@ def stationary_prior(scale=1.0, shift=0.0):
 @pytest.mark.parametrize("basis", ["fft", "pixel"])
 def test_exact_energy_minimises_both_losses(basis):
     true = stationary_prior()
-    if basis == "fft":
-        cov_fn = lambda n: cv.blur_problem((n, 1, 4, 4), 0.8, 0.3, "fft").covariance()
-    else:
-        cov_fn = lambda n: cv.mask_covariance(cv.box_mask((n, 1, 4, 4), 2), 0.5, 0.05, 1)
+    cov_fn = small_covariance(basis)
     ref = per_sample_losses(true, true, cov_fn)
     for wrong in (stationary_prior(scale=1.5), stationary_prior(scale=0.6), stationary_prior(shift=0.3)):
         got = per_sample_losses(wrong, true, cov_fn)
@@ -189,10 +193,7 @@ def test_the_summed_csm_is_still_minimised_by_the_exact_energy_and_sees_a_sigma_
     invisible to A-DSM, must cost exactly E[(0.3 d)^2] / d = 0.09 d more (d = 16; per coordinate it costs
     0.09); and per image the loss is the square of the summed per-coordinate residuals, over d."""
     true = stationary_prior()
-    if basis == "fft":
-        cov_fn = lambda n: cv.blur_problem((n, 1, 4, 4), 0.8, 0.3, "fft").covariance()
-    else:
-        cov_fn = lambda n: cv.mask_covariance(cv.box_mask((n, 1, 4, 4), 2), 0.5, 0.05, 1)
+    cov_fn = small_covariance(basis)
     ref = per_sample_losses(true, true, cov_fn, csm="sum")
     for wrong in (stationary_prior(scale=1.5), stationary_prior(scale=0.6), stationary_prior(shift=0.3)):
         assert significantly_larger(per_sample_losses(wrong, true, cov_fn, csm="sum")[1], ref[1])
