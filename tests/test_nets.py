@@ -173,6 +173,36 @@ def test_silu_second_derivative_passes_gradgradcheck_and_equals_torchs():
             torch.testing.assert_close(a, b, **(dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else {}))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv1x1_is_torchs_1x1_convolution_in_value_and_first_and_second_derivatives(bias):
+    """nets.Conv1x1 (a batched matrix product on the CPU) against F.conv2d with the same parameters: outputs,
+    the training pattern's first and second derivatives in float32 at a user's size (a 16-channel embedding map
+    of 32x32 images into 84 gain channels, the small config's widest) and in channels_last, gradgradcheck in
+    float64, the state dict of nn.Conv2d, and bf16 out under CPU autocast as the convolution gives."""
+    g = torch.Generator().manual_seed(0)
+    ours = nets.Conv1x1(16, 84, bias=bias)
+    ref = torch.nn.Conv2d(16, 84, 1, bias=bias)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ref.load_state_dict(ours.state_dict())
+    x0, c = torch.randn(5, 16, 32, 32, generator=g), torch.randn(5, 84, 32, 32, generator=g)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = []
+        for layer in (ours, ref):
+            x = x0.clone().contiguous(memory_format=layout).requires_grad_(True)
+            y = layer(x)
+            (gx,) = torch.autograd.grad((y.sin() * c).sum(), x, create_graph=True)
+            out.append((y, gx, *torch.autograd.grad((gx * x0.cos()).sum(), [x, *layer.parameters()])))
+        for a, b in zip(*out):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    small = nets.Conv1x1(3, 4, bias=bias).double()
+    names, params = zip(*small.named_parameters())
+    x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, *p: torch.func.functional_call(small, dict(zip(names, p)), (x,)), (x, *params))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x0).dtype == ref(x0).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_group_norm_keeps_torchs_parameters_and_autocast_dtype(device):
     ours, ref = nets.group_norm(16).to(device), torch.nn.GroupNorm(4, 16, eps=1e-6).to(device)
