@@ -127,6 +127,22 @@ def operators_per_call(fn):
     return counts[True] + counts[False], counts[False]
 
 
+def flops_per_call(fn):
+    """Floating-point operations of one call of fn in convolutions and matrix products, the work that does
+    not depend on how many kernels carry it (torch's FlopCounterMode; elementwise work is not counted).
+    Exact and noise-free. Double backprop through a network costs twice a score step's arithmetic: the
+    score step does each product three times (forward, input gradient, weight gradient), the DSM step six
+    (forward, the first backward's input gradient, and the second backward's four: the derivative of that
+    input gradient in its output gradient and in the weight, and the forward's two). So b/a here is 2.0,
+    and time ratios above it are elementwise work and per-operator overhead (README, Benchmarks)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -198,6 +214,7 @@ def train_step_times(config, size, channels, batch, device, bf16, channels_last,
     out = interleaved(fns, device, rounds, warmup, per_round=times)
     for k, f in fns.items():
         out[f"ops_{k}"], out[f"kernels_{k}"] = operators_per_call(f)
+        out[f"flops_{k}"] = flops_per_call(f)
     # The ratios are medians of each round's own ratio: a round times a, b, c back to back, so the machine's
     # drift between rounds (10-20% on a shared CPU) cancels; a ratio of medians mixes rounds.
     t = {k: np.array(v) for k, v in times.items()}
@@ -231,6 +248,11 @@ def print_train(t, what):
         print(f"  operators per step (non-view, exact): {k[0]} / {k[1]} / {k[2]}   ratios b/a = {k[1] / k[0]:.2f}   "
               f"c/a = {k[2] / k[0]:.2f}   c/b = {k[2] / k[1]:.3f}   (all, with views: "
               f"{' / '.join(str(t[f'ops_{x}']) for x in 'abc')})")
+    if "flops_a" in t:
+        f = [t[f"flops_{x}"] for x in "abc"]
+        print(f"  arithmetic per step (convolutions and matrix products, exact): {' / '.join(f'{v / 1e9:.2f}' for v in f)} "
+              f"GFLOP   ratios b/a = {f[1] / f[0]:.2f}   c/a = {f[2] / f[0]:.2f}   c/b = {f[2] / f[1]:.3f}   "
+              f"(time above these: elementwise work and per-operator overhead)")
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import covariances as cv
 import nets
 
 
@@ -55,3 +56,34 @@ def test_torch_layers_variant_times_torch_s_double_backward():
     assert t["kernels_c0"] > 1.5 * t["kernels_c"], t
     assert t["kernels_c0"] - t["kernels_b0"] > 0 and t["kernels_c"] - t["kernels_b"] > 0, t
     assert all(k in t for k in ("b/b0", "c/c0", "b0/a", "c0/a")), t
+
+
+def test_flop_count_matches_the_layers_and_the_energy_step_does_twice_the_score_step_s_arithmetic():
+    """bench.flops_per_call against a count from the layers themselves (2 multiply-adds per output value
+    per input channel and kernel tap, for every convolution of a forward pass), and the claim it supports
+    (README, Benchmarks): the DSM step (b) does twice the score step's (a) convolution and matrix-product
+    arithmetic, and the covariance score (c) adds almost none of it. One product more per layer (weight
+    gradients formed in the first backward, say) would put b/a at 7/3."""
+    energy = bench.build_energy("tiny", 16, 3, torch.device("cpu"))
+    net = energy.net
+    x = torch.rand(2, 3, 16, 16)
+    cov = cv.isotropic(0.1, x.shape)
+    by_layers = []
+
+    def hook(module, inputs, output):
+        kh, kw = module.kernel_size
+        by_layers.append(2 * output.numel() * module.in_channels // module.groups * kh * kw)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        counted = bench.flops_per_call(lambda: net(x, cov, with_offset=True))
+    for h in handles:
+        h.remove()
+    n = (16 // 2) ** 2  # positions at the middle level, where tiny's only attention is
+    attention = sum(2 * 2 * x.shape[0] * m.heads * n * n * (m.qkv.out_channels // 3 // m.heads)
+                    for m in net.modules() if isinstance(m, nets.Attention))  # q^T k and w v: two (n x n x d) products
+    assert counted == sum(by_layers) + attention, (counted, sum(by_layers), attention)
+
+    t = bench.train_step_times("tiny", 16, 3, 2, torch.device("cpu"), False, False, rounds=1, warmup=0)
+    assert abs(t["flops_b"] / t["flops_a"] - 2) < 0.02, t
+    assert 1 < t["flops_c"] / t["flops_b"] < 1.05, t
