@@ -686,6 +686,7 @@ def run(args, stop):
                 print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {ckpt_path} written; "
                       f"continue with --resume", flush=True)
             if distributed:
+                dist.barrier()  # as at the normal end below
                 dist.destroy_process_group()
             sys.exit(128 + signum)
 
@@ -694,6 +695,10 @@ def run(args, stop):
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
               f"grid {os.path.join(args.out, f'val_{step:07d}.png')}")
     if distributed:
+        # Every rank waits here for the others (rank 0 is still writing the checkpoint) before any of them tears
+        # its connections down. Without it rank 1 left first; once in ~25 two-rank CPU runs (the gloo test) it
+        # was aborted by SIGABRT on its way out.
+        dist.barrier()
         dist.destroy_process_group()
 
 
