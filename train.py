@@ -696,8 +696,8 @@ def run(args, stop):
               f"grid {os.path.join(args.out, f'val_{step:07d}.png')}")
     if distributed:
         # Every rank waits here for the others (rank 0 is still writing the checkpoint) before any of them tears
-        # its connections down. Without it rank 1 left first; once in ~25 two-rank CPU runs (the gloo test) it
-        # was aborted by SIGABRT on its way out.
+        # its connections down. Without it rank 1 left while rank 0 was writing, and once in ~25 two-rank CPU runs
+        # (the gloo test) rank 1 died by SIGABRT, where was not recorded: the one race in sight, closed here.
         dist.barrier()
         dist.destroy_process_group()
 
