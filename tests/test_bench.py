@@ -20,7 +20,7 @@ def test_gpu_suite_runs_on_cpu_at_a_small_size():
     out = done.stdout
     assert done.returncode == 0, done.stderr[-2000:]
     assert "FAILED" not in out, out
-    for expected in ("c/b =", "operators per step", "img/s", "resumed: True", "final step 3", "MALA/ULA", "sr x4 dct",
+    for expected in ("c/b =", "operators per step", "arithmetic per step", "img/s", "resumed: True", "final step 3", "MALA/ULA", "sr x4 dct",
                      "same argmin: True", "MALA log acceptance ratios", "one dual step, batch 4", "second backward:"):
         assert expected in out, (expected, out)
 
