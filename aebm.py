@@ -12,12 +12,16 @@ so every function here and in sample.py takes either:
     GaussianEnergy(mu, C)  the exact energy -log N(y; mu, C + Sigma) of a Gaussian prior (M9)
 
 From an energy, `energy_and_scores` returns E, dE/dy and dE/dlog s in ONE autograd call; the
-A-DSM (M5) and A-CSM (M7) losses and the posterior mean (M4) are written on top of it.
+A-DSM (M5) and A-CSM (M7) losses and the posterior mean (M4) are written on top of it. Because the
+energy is normalized, energies under different covariances can be compared: the last section turns
+that into log-probabilities (M10), the posterior density by Bayes' rule, and blind estimation of a
+degradation (paper eq. 16).
 Naming: `score_y` = dE/dy and `score_log_s` = dE/dlog s are gradients of the *energy*, i.e. minus
 the usual scores of log p.
 
 Read covariances.py first; nets.py holds the network F_theta, train.py minimises `dual_score_loss`,
-sample.py uses `energy_and_scores` in every sampler.
+sample.py uses `energy_and_scores` in every sampler. The file ends with the exact Gaussian energy
+(M9), the independent reference every test compares the learned one with.
 """
 
 import math
@@ -25,7 +29,8 @@ import math
 import torch
 import torch.nn as nn
 
-from covariances import S_MIN, Covariance, antithetic_partner, from_basis, reflect_freq, to_basis, white_noise
+from covariances import (S_HUGE, S_MIN, Covariance, blur_problem, box_mask, from_basis, mask_covariance, reflect_freq,
+                         to_basis, white_noise)
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -33,13 +38,12 @@ LOG_2PI = math.log(2 * math.pi)
 # -----------------------------------------------------------------------------
 # Energies as functions of basis coordinates.
 #
-# Precision (README, Precision). Everything that multiplies a gradient by s works in the basis of
+# Precision (docs/precision.md). Everything that multiplies a gradient by s works in the basis of
 # Sigma, on z = U y, and never on pixels: with s up to s_huge = 1e8 (a missing pixel, a dropped
 # frequency), a gradient formed in pixel space mixes coordinates of size 1e-4 (uninformative) with
 # coordinates of size 1e2 (informative), and float32 keeps only the latter's digits; multiplying
-# the transform back by s turns that rounding into errors of order 1e2 (measured: a -18 dB
-# posterior mean for deblurring). With z as the autograd leaf, each coordinate's gradient carries
-# its own 1/v before any transform mixes it with the others.
+# the transform back by s turns that rounding into errors of order 1e2. With z as the autograd
+# leaf, each coordinate's gradient carries its own 1/v before any transform mixes it with the others.
 
 def energy_of_z(energy, z, cov):
     """E as a function of the basis coordinates z = U y. Energies written from z (EnergyModel,
@@ -95,7 +99,7 @@ class EnergyModel(nn.Module):
     (docs/method.md §3), which anchors the normalization. The last term, per-coordinate offsets b that
     depend on Sigma only (from the network's covariance embedding), is the learned normalizing
     constant: without it a Sigma-dependent constant can only be written through y (as ~|y~|^2),
-    which DSM penalises, and the offset drifts with the noise level (README, Normalization).
+    which DSM penalises, and the offset drifts with the noise level (docs/results.md, Normalization).
 
     The network sees sqrt(w) y~ = sigma_d (y - mu) / v (the Wiener-shrunk input, scale <= 1, unit at
     low noise) rather than y~ itself. Reason: Tweedie (M4) multiplies dE/dy_k by s_k. With input
@@ -179,7 +183,7 @@ def energy_and_scores(energy, z, cov, create_graph=False, need_log_s=True, part=
     With create_graph=True the scores stay differentiable in the parameters (training differentiates
     them again). need_log_s=False skips the covariance score (single score matching, and samplers
     that need only dE/dz). part="learned" differentiates M3's learned term alone (EnergyModel).
-    An energy may bring its own version of this function (CudaGraphEnergy below replays a captured
+    An energy may bring its own version of this function (sample.CudaGraphEnergy replays a captured
     CUDA graph of it); it is used for the plain call (no create_graph, the whole energy).
     """
     if hasattr(energy, "energy_and_scores") and not create_graph and part == "all":
@@ -215,52 +219,9 @@ def posterior_mean(energy, y, cov):
 
 
 # -----------------------------------------------------------------------------
-# Sampling on a GPU: one evaluation as a replayed CUDA graph.
-
-class CudaGraphEnergy:
-    """An energy whose (E, dE/dz) for one fixed shape and basis is a CUDA graph, captured once and
-    replayed at every evaluation: a UNet evaluation is ~2500 small kernel launches, so on a GPU at
-    sampling batch sizes the launches, not the arithmetic, set the pace (README, Benchmarks). The
-    samplers use it through energy_and_scores; everything else (mean, energy values) is the
-    wrapped energy's. Inputs are copied into static buffers, outputs cloned out of them."""
-
-    def __init__(self, energy, z, cov, bf16=False, warmup=3):
-        self.energy, self.mean, self.basis, self.bf16 = energy, getattr(energy, "mean", 0.5), cov.basis, bf16
-        self.z, self.s = z.detach().clone(), cov.s.detach().clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream (cuDNN plans, cached DCT matrices)
-            for _ in range(warmup):
-                self.run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.run()
-
-    def run(self):
-        # autocast's weight-cast cache must be off while capturing (its casts would not be replayed)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            return energy_and_scores(self.energy, self.z, Covariance(self.s, self.basis, check=False),
-                                          need_log_s=False)
-
-    def __call__(self, y, cov):
-        return self.energy(y, cov)
-
-    def energy_and_scores(self, z, cov, need_log_s=False):
-        if need_log_s or z.shape != self.z.shape or cov.basis != self.basis:
-            return energy_and_scores(self.energy, z, cov, need_log_s=need_log_s)
-        self.z.copy_(z)
-        self.s.copy_(cov.s)
-        self.graph.replay()
-        E, score_z, _ = self.out
-        return E.clone(), score_z.clone(), None
-
-
-# -----------------------------------------------------------------------------
 # Dual score matching (docs/method.md §4).
 
-def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, dsm_weight=None,
-                      antithetic=False, csm="coords"):
+def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, dsm_weight=None):
     """Per-image A-DSM and A-CSM losses for clean images x (B, C, H, W) under covariances cov.
     y = x + U^H(sqrt(s) zeta), zeta drawn here unless given (basis coordinates of white noise, as
     cov.sample returns them); returns (L_dsm, L_csm), each (B,) (L_csm is None if not need_csm).
@@ -270,30 +231,9 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
     x^_k by 1/s_k, so where a pixel is missing (s = 1e3 in training) an error of 0.3 costs 1e-4 and the
     network never learns to fill the hole; weighted, it costs ~1 there as everywhere else. Any weight
     that does not depend on y keeps the minimiser, x^_k = E[x_k | y] (tests/test_energy.py checks the
-    exact energy still minimises the weighted loss).
-
-    antithetic: every image is noised twice, with zeta and its antithetic twin
-    (covariances.antithetic_partner), and its losses are the mean of the two. Each twin has the law
-    of white noise, so the expected losses are unchanged (tests/test_energy.py checks them against
-    their closed form); the pair cancels most of the noise in the summed A-CSM target, which is what
-    the energy's offset across noise levels is learned from. It costs two evaluations per image.
-
-    csm: "coords" (M6, M7 as written: every coordinate's dE/dlog s_k regresses its own target) or "sum"
-    (aebm's addition: the sum over coordinates regresses the summed target, the isotropic parent paper's
-    covariance score taken along the ray Sigma e^t). sum_k dE/dlog s_k is dE/dt at t = 0 for Sigma e^t, and
-    every ray ends at M3's anchor (s -> infinity), so the summed regression still ties each energy to the
-    anchor: it still normalizes, and the exact energy still minimises it (tests/test_energy.py). It asks the
-    network for one number per image, not d: with "coords" it must also give each coordinate's posterior
-    second moment, E[zeta_k^2 | y] (README, Learning)."""
+    exact energy still minimises the weighted loss)."""
     if zeta is None:
         zeta = white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
-    if antithetic:
-        B = x.shape[0]
-        twins = Covariance(torch.cat([cov.s, cov.s]), cov.basis, check=False)
-        zeta = torch.cat([zeta, antithetic_partner(zeta)])
-        L_dsm, L_csm = dual_score_losses(energy, torch.cat([x, x]), twins, need_csm=need_csm, zeta=zeta,
-                                         dsm_weight=dsm_weight, csm=csm)
-        return (L_dsm[:B] + L_dsm[B:]) / 2, None if L_csm is None else (L_csm[:B] + L_csm[B:]) / 2
     # z = U y formed in the basis, never as pixels: a dropped frequency (s = 1e8) would put values
     # ~1e4 in every pixel and round away the informative coordinates' low noise in float32.
     z = cov.U(x) + cov.s.sqrt() * zeta
@@ -306,19 +246,15 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
         return L_dsm, None
     # (M6, M7) A-CSM: dE/dlog s_k should regress the target 1/2 (1 - |zeta_k|^2)
     target = 0.5 * (1 - zeta.abs().square())
-    if csm == "sum":  # the total derivative along Sigma e^t: one regression per image (its variance d/2, so / d)
-        L_csm = (score_log_s - target).flatten(1).sum(1).square() / d
-    else:
-        L_csm = (score_log_s - target).square().flatten(1).sum(1) / d
+    L_csm = (score_log_s - target).square().flatten(1).sum(1) / d
     return L_dsm, L_csm
 
 
-def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, dsm_weight=None,
-                    antithetic=False, csm="coords"):
+def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, dsm_weight=None):
     """L = L_DSM + lam L_CSM averaged over the batch (M8); lam = 0 is single (DSM-only) score matching.
     cov_groups: a Covariance for the whole batch, or the list of (slice, Covariance) groups that
     covariances.sample_training_covariances returns; zetas: optional noise per group (tests use it
-    to feed identical noise to different runs); dsm_weight, antithetic, csm: see dual_score_losses.
+    to feed identical noise to different runs); dsm_weight: see dual_score_losses.
     Returns (L, L_dsm mean, L_csm mean), the two parts detached for logging (L_csm is NaN when
     lam = 0: single score matching never computes it)."""
     if isinstance(cov_groups, Covariance):
@@ -327,7 +263,7 @@ def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, 
     for i, (idx, cov) in enumerate(cov_groups):
         zeta = zetas[i] if zetas is not None else None
         L_dsm, L_csm = dual_score_losses(energy, x[idx], cov, generator, need_csm=lam != 0, zeta=zeta,
-                                         dsm_weight=dsm_weight, antithetic=antithetic, csm=csm)
+                                         dsm_weight=dsm_weight)
         dsm_parts.append(L_dsm)
         csm_parts.append(L_csm if L_csm is not None else torch.full_like(L_dsm, float("nan")))
     L_dsm, L_csm = torch.cat(dsm_parts).mean(), torch.cat(csm_parts).mean()
@@ -336,7 +272,7 @@ def dual_score_loss(energy, x, cov_groups, lam=1.0, generator=None, zetas=None, 
 
 
 # -----------------------------------------------------------------------------
-# Probabilities (M10).
+# Probabilities (M10), Bayes' rule and blind estimation: what a normalized energy is for.
 
 def log_prob(energy, x, s=S_MIN, basis="pixel"):
     """log p(x) ~ -E(x, s I) at a tiny isotropic variance (M10). s I is the same matrix in every
@@ -349,6 +285,77 @@ def log_prob(energy, x, s=S_MIN, basis="pixel"):
 def bits_per_dim(neg_log_p, d):
     """bits/dim of 8-bit data represented in [0, 1]: E / (d ln 2) + 8 (M10)."""
     return neg_log_p / (d * math.log(2)) + 8
+
+
+def log_posterior(energy, x, y, cov_y, prior_basis="pixel", s_prior=S_MIN):
+    """log p(x | y~) = log p(x) + log N(y~; x, Sigma_y) - log p_Sigma_y(y~): Bayes' rule with normalized
+    energies (M10; coordinates with s_huge carry no likelihood and are left out of both terms)."""
+    keep = cov_y.s < S_HUGE * 0.999
+    r = cov_y.U(y - x)
+    log_lik = -0.5 * sum_coords(torch.where(keep, r.abs().square() / cov_y.s + torch.log(2 * math.pi * cov_y.s), 0))
+    huge_part = 0.5 * sum_coords(torch.where(keep, 0, cov_y.U(y - energy_mean(energy)).abs().square() / cov_y.s
+                                             + torch.log(2 * math.pi * cov_y.s)))
+    with torch.no_grad():
+        log_evidence = -energy(y, cov_y) + huge_part  # the s_huge coordinates' Gaussian-limit factor removed
+    return log_prob(energy, x, s=s_prior, basis=prior_basis) + log_lik - log_evidence
+
+
+def degradation_nll(energy, y_obs, prob, mean, observed_only=False):
+    """-log p(y_obs) under the degradation `prob`, from the normalized energy of its denoising
+    observation (M2) by a change of variables in the basis, z = U y_obs:
+      informative k:    z_k = a_k y~_k      ->  + log |a_k|
+      uninformative k:  z_k ~ N(a_k mu_k, sigma_n^2)  (x is invisible there); the energy of y~_k there,
+                        the Gaussian limit at variance s_huge, is removed (exact as s_huge -> inf).
+    Candidates with different operators A can then be compared (blind deblurring). Everything stays
+    in basis coordinates (the energy of U y~ directly). observed_only leaves out the measurement of the
+    uninformative coordinates (for candidates that share the operator, when those values were not
+    measured: the hole of a photo to inpaint, the empty grid of an upscaled image)."""
+    z_t, cov = prob.to_denoising_z(y_obs, mean)
+    with torch.no_grad():
+        E = energy_of_z(energy, z_t, cov).double()
+    z = to_basis(y_obs, prob.basis)
+    mu = to_basis(torch.as_tensor(mean, dtype=y_obs.dtype, device=y_obs.device).expand_as(y_obs), prob.basis)
+    fill = 0.5 * ((z_t - mu).abs().square() / prob.s_huge + math.log(2 * math.pi * prob.s_huge))
+    noise = 0.5 * ((z - prob.a * mu).abs().square() / prob.sigma_n ** 2 + math.log(2 * math.pi * prob.sigma_n ** 2))
+    if observed_only:  # the uninformative coordinates were not measured (a photo's hole, an upscaled grid)
+        noise = torch.zeros_like(noise)
+    jac = prob.a.abs().clamp_min(1e-300).log()
+    per_coord = torch.where(prob.informative, jac, noise - fill)
+    return E + sum_coords(per_coord)
+
+
+# Blind estimation (paper eq. 16): the degradation is the candidate under which the observation is most
+# probable. Only a normalized energy can rank candidates this way: an offset c(Sigma) would shift each
+# candidate's energy by its own constant.
+
+def blind_inpaint(energy, y, channels, sizes, noises, missing_var=S_HUGE):
+    """Energies E(y, Sigma(size, sigma)) of one observation y under every centred box size x noise
+    level candidate, all evaluating the same y (docs/method.md §6). Returns (energies (B, n_size, n_noise),
+    estimated size (B,), estimated sigma (B,))."""
+    B = y.shape[0]
+    grid = torch.empty(B, len(sizes), len(noises), dtype=torch.float64)
+    with torch.no_grad():
+        for i, size in enumerate(sizes):
+            missing = box_mask(y.shape, size, device=y.device)
+            for j, sigma in enumerate(noises):
+                cov = mask_covariance(missing, missing_var, sigma ** 2, channels, dtype=y.dtype)
+                grid[:, i, j] = energy(y, cov).double().cpu()
+    best = grid.flatten(1).argmin(1)
+    return grid, torch.tensor(sizes)[best // len(noises)], torch.tensor(noises, dtype=torch.float64)[best % len(noises)]
+
+
+def blind_deblur(energy, y_obs, blur_stds, noises, basis, mean):
+    """-log p(y_obs | b, sigma) over blur std x noise level candidates (B, n_b, n_sigma), and the argmin.
+    The candidates have different operators, so each is scored through its own y~ (degradation_nll)."""
+    B = y_obs.shape[0]
+    grid = torch.empty(B, len(blur_stds), len(noises), dtype=torch.float64)
+    for i, b in enumerate(blur_stds):
+        for j, sigma in enumerate(noises):
+            prob = blur_problem(y_obs.shape, b, sigma, basis, dtype=y_obs.dtype, device=y_obs.device)
+            grid[:, i, j] = degradation_nll(energy, y_obs, prob, mean).cpu()
+    best = grid.flatten(1).argmin(1)
+    return (grid, torch.tensor(blur_stds, dtype=torch.float64)[best // len(noises)],
+            torch.tensor(noises, dtype=torch.float64)[best % len(noises)])
 
 
 # -----------------------------------------------------------------------------
@@ -364,7 +371,7 @@ class GaussianEnergy(nn.Module):
     otherwise it is computed densely (one (HW, HW) block per channel for a diagonal prior, whose
     channels are independent) in float64: C + Sigma has a condition number up to ~1e11 at s_huge,
     beyond float32's Cholesky. The posterior mean (the Wiener filter) is closed-form on the diagonal
-    path and otherwise solved by conjugate gradients in float64, a few seconds at 64x64x3.
+    path and otherwise solved by conjugate gradients in float64.
     """
 
     def __init__(self, mean, C):

@@ -310,7 +310,7 @@ def entry_point(device, steps, resume_steps, extra, batch):
 
 def sampling_times(energy, n, size, levels, device, bf16, graph=False):
     """Seconds of a ULA and a MALA run (16 deblurring images in the suite). graph: replay (E, dE/dz) as a
-    CUDA graph (aebm.CudaGraphEnergy; sample.py does this on CUDA)."""
+    CUDA graph (sample.CudaGraphEnergy; sample.py does this on CUDA)."""
     import sample
 
     energy.net.eval()
@@ -318,7 +318,7 @@ def sampling_times(energy, n, size, levels, device, bf16, graph=False):
     x = data.DeadLeaves(size, 3).get_batch(n, torch.Generator().manual_seed(0)).to(device)
     prob = cv.blur_problem(shape, 1.5, 0.02, "dct", device=device)
     y, cov = prob.to_denoising(prob.measure(x), mean=energy.mean)
-    e = aebm.CudaGraphEnergy(energy, cov.U(y), cov, bf16=bf16) if graph else energy
+    e = sample.CudaGraphEnergy(energy, cov.U(y), cov, bf16=bf16) if graph else energy
     out = {}
     for corrector in ("ula", "mala"):
         sync(device)
@@ -385,9 +385,9 @@ def precision(energy, size, n, device, low=None, ref=None, tasks=None):
     y = y.float().to(device)
     sizes, noises = [size // 4, size // 2, 3 * size // 4], [0.02, 0.05, 0.1]
     with ref():
-        g32, _, _ = sample.blind_inpaint(energy, y, 3, sizes, noises)
+        g32, _, _ = aebm.blind_inpaint(energy, y, 3, sizes, noises)
     with low():
-        g16, _, _ = sample.blind_inpaint(energy, y, 3, sizes, noises)
+        g16, _, _ = aebm.blind_inpaint(energy, y, 3, sizes, noises)
     rel = lambda g: (g - g.flatten(1).min(1).values.view(-1, 1, 1))[:, 1]  # the true box size's row
     out["blind_max_diff_nats"] = (rel(g16) - rel(g32)).abs().max().item()
     out["blind_same_argmin"] = bool((g16.flatten(1).argmin(1) == g32.flatten(1).argmin(1)).all())
@@ -576,7 +576,7 @@ def eval_times(energy, n, size, device, variants, evals=20):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 eager = aebm.energy_and_scores(e, z, cov, need_log_s=False)
             if graph:
-                e = aebm.CudaGraphEnergy(e, z, cov, bf16=bf16)
+                e = sample.CudaGraphEnergy(e, z, cov, bf16=bf16)
                 got = aebm.energy_and_scores(e, z, cov, need_log_s=False)
                 diff = (got[1] - eager[1]).abs().max().item() / eager[1].abs().max().item()
             else:
@@ -633,7 +633,7 @@ def run_speed_suite(args):
             try:
                 g = r["energy"] if name.endswith("graph") else energy
                 if name.endswith("graph"):  # a graph for this observation's shapes: the same as the probe's
-                    g = aebm.CudaGraphEnergy(energy, cov.U(y), cov, bf16=name.startswith("bf16"))
+                    g = sample.CudaGraphEnergy(energy, cov.U(y), cov, bf16=name.startswith("bf16"))
                 sync(device)
                 t0 = time.perf_counter()
                 res_s = sample.reverse_diffusion(g, y, cov, levels=sz["levels"], corrector=corrector,

@@ -47,8 +47,8 @@ def dct_matrix(n, dtype=torch.float64, device="cpu"):
 def dct_products(left, x, right):
     """left @ x @ right for the DCT, computed in float64 and returned in x's dtype. A transform is not
     network work: under autocast a matrix product runs in bf16, and with TF32 allowed (the CUDA
-    default of train.py and bench.py) in TF32, a 10-bit mantissa; either rounds away the informative
-    coordinates (measured on an H100: posterior means off by 0.7). float64 is exact and cheap here."""
+    default of the paper preset) in TF32, a 10-bit mantissa; either rounds away the informative
+    coordinates (docs/precision.md). float64 is exact and cheap here."""
     with torch.autocast(x.device.type, enabled=False):
         return (left @ x.double() @ right).to(x.dtype)
 
@@ -61,7 +61,6 @@ def to_basis(x, basis):
         return torch.fft.fft2(x, norm="ortho")
     if basis == "dct":
         H, W = x.shape[-2:]
-        real = x.real.dtype if x.is_complex() else x.dtype
         return dct_products(dct_matrix(H, torch.float64, x.device), x, dct_matrix(W, torch.float64, x.device).T)
     raise ValueError(f"unknown basis {basis!r}: use one of {BASES}")
 
@@ -86,34 +85,6 @@ def white_noise(shape, basis, generator=None, dtype=None, device="cpu"):
     xi = torch.randn(shape, generator=generator, dtype=torch.float64, device=device)
     xi = xi.to(dtype or torch.get_default_dtype())
     return xi if basis != "fft" else to_basis(xi, basis)
-
-
-def chi2_quantile(p, dof, iters=100):
-    """x with P(chi^2_dof <= x) = p, by bisection on the regularized incomplete gamma function
-    (torch has the CDF, gammainc, but not its inverse). p: float64 tensor in (0, 1)."""
-    k = torch.full_like(p, dof / 2.0)
-    lo, hi = torch.zeros_like(p), torch.full_like(p, dof + 60.0 * math.sqrt(2.0 * dof) + 100.0)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        below = torch.special.gammainc(k, mid / 2) < p
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    return (lo + hi) / 2
-
-
-def antithetic_partner(zeta):
-    """The antithetic twin of white noise zeta (basis coordinates, one image per row): the same
-    direction, with its squared radius r^2 = |zeta|^2 ~ chi^2_d mirrored through its quantile,
-    r'^2 = F^-1(1 - F(r^2)). The direction of white noise is uniform and independent of its radius,
-    and 1 - F(r^2) is uniform like F(r^2), so zeta' has exactly the law of zeta (unbiased losses),
-    while |zeta|^2 + |zeta'|^2 is nearly constant: the sum of the A-CSM targets
-    1/2 sum_k (1 - |zeta_k|^2), whose variance d/2 buries the small slope of the energy's offset at
-    low noise (docs/method.md §4), nearly cancels within a pair. U is unitary (fft "ortho"), so
-    |zeta|^2 = |xi|^2 for the real pixel noise xi and d is the pixel count in every basis."""
-    d = zeta[0].numel()
-    r2 = zeta.detach().abs().square().flatten(1).sum(1).double()
-    p_mirror = torch.special.gammaincc(torch.full_like(r2, d / 2.0), r2 / 2)  # 1 - F(r^2)
-    scale = (chi2_quantile(p_mirror, d) / r2).sqrt()
-    return zeta * scale.to(zeta.real.dtype).view(-1, *([1] * (zeta.dim() - 1)))
 
 
 def reflect_freq(s):
@@ -359,14 +330,14 @@ class Degradation:
         a2 = torch.where(self.informative, self.a ** 2, torch.ones_like(self.a))
         return Covariance(torch.where(self.informative, self.sigma_n ** 2 / a2, self.s_huge), self.basis)
 
-    def to_denoising(self, y_obs, mean=0.5, generator=None):
+    def to_denoising(self, y_obs, mean=0.5):
         """(M2) y~ = U^H(U y_obs / a) = x + U^H(sigma_n xi' / a) on informative coordinates. The others
         carry no information about x; they hold the data mean mu_k, not a draw of std sqrt(s_huge) = 1e4:
         such a draw would change no answer (the posterior mean does not depend on it, and blind
         deblurring and Bayes' rule remove its Gaussian-limit energy), but in a spectral basis it
         spreads values ~1e4 over every pixel, and a float32 y~ would round the informative
-        coordinates to ~4e-4 (README, Precision). `generator` is unused; kept for the signature.
-        Returns (y~, Sigma); to_denoising_z gives U y~ without the pixel round trip."""
+        coordinates to ~4e-4 (docs/precision.md). Returns (y~, Sigma); to_denoising_z gives U y~
+        without the pixel round trip."""
         z, cov = self.to_denoising_z(y_obs, mean)
         return from_basis(z, self.basis), cov
 

@@ -21,8 +21,12 @@ On disk, in their standard formats (train / test splits):
     mnist       idx files train-images-idx3-ubyte and t10k-images-idx3-ubyte, gzipped or not
     celeba      img_align_celeba/*.jpg (+ list_eval_partition.txt if present), centre crop 140x140, resize
     folder      any folder of images, searched recursively (AFHQ is one); the last 10% (sorted) is the test split
+
+The file ends with the plumbing every script shares: reading a user's image and writing PNGs, the
+metrics (PSNR, SSIM), and plots drawn with pillow (learning curves, figures of the experiments).
 """
 
+import csv
 import gzip
 import math
 import os
@@ -41,6 +45,11 @@ import covariances as cv
 BUILTIN = ("gaussian", "deadleaves")
 ON_DISK = ("imagenet64", "cifar10", "mnist", "celeba", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# Native image size and spectral basis per dataset (periodic data: fft; natural images: dct).
+DATASET_DEFAULTS = {
+    "deadleaves": (32, "dct"), "gaussian": (16, "fft"), "imagenet64": (64, "fft"), "cifar10": (32, "dct"),
+    "mnist": (28, "dct"), "celeba": (64, "dct"), "folder": (64, "dct"),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -325,6 +334,20 @@ def load_dataset(name, img_size, channels=3, root=None, split="train", leaf_radi
 # -----------------------------------------------------------------------------
 # Writing images.
 
+def prepare_out(out):
+    """The output directory, created if needed; a one-line ValueError if it is a file or not writable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory; pass a directory for the outputs")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")  # one per process: ranks probe at once
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {out} ({e.strerror or e}); pass a writable directory") from None
+
+
 def save_grid(path, rows, pad=2):
     """Write a PNG grid: `rows` is a list of (n, C, H, W) tensors in [0, 1] (values are clipped),
     one row each, n images side by side. Returns the path."""
@@ -424,6 +447,20 @@ def nice_ticks(lo, hi, n=5):
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     first = math.ceil(lo / step) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def save_learning_curves(log_path, out_path):
+    """Learning curves from train.py's log.csv: dB above the Wiener filter against training time, one line
+    per task (None before the first validation)."""
+    with open(log_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val" and r.get("psnr_denoise")]
+    if len(rows) < 1:
+        return None
+    t = [float(r["elapsed_s"]) / 60 for r in rows]
+    curves = [(name, t, [float(r[f"psnr_{name}"]) - float(r[f"wiener_{name}"]) for r in rows])
+              for name in ("denoise", "inpaint", "deblur", "sr")]
+    return save_line_plot(out_path, curves, title="held-out posterior means (EMA) vs fitted Wiener",
+                          xlabel="training time (min)", ylabel="dB above Wiener")
 
 
 def save_scatter_plot(path, groups, title="", xlabel="", ylabel="", size=(640, 460)):

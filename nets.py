@@ -30,19 +30,20 @@ the isotropic part plus an anisotropic correction gated by each frequency's devi
 log-variance, exactly zero for isotropic Sigma. The result is smooth in log s and basis-independent
 for sigma^2 I (tests/test_nets.py checks it).
 
-Cost (README, Benchmarks). The dual loss differentiates the conditioning path twice, so it is kept
+Cost (docs/benchmarks.md). The dual loss differentiates the conditioning path twice, so it is kept
 lean: per-coordinate 1x1 layers without normalisation, and the gains of all the blocks of one
 level from one projection of the pooled features. The paper's 512-channel embedding map between
 the MLP and the gains is left out: two linear maps in a row are one linear map of the same rank
 (at most emb_hidden), computed here at a quarter of the cost at full resolution.
 
-Everything here is twice differentiable (training differentiates dE/dy again). GroupNorm and SiLU
-keep their native first backward and bring their second derivative written out (a few lines of
-algebra each, below): torch's own versions of both become ~20 small operations under
-create_graph=True, and the energy step dispatches 40% of the kernels without them (README,
-Benchmarks). Attention is an explicit softmax: torch's scaled_dot_product_attention picks fused
-kernels (flash on CPU; flash or memory-efficient on CUDA) whose backward has no derivative, so
-create_graph=True fails there.
+Everything here is twice differentiable (training differentiates dE/dy again). Attention is an
+explicit softmax: torch's scaled_dot_product_attention picks fused kernels (flash on CPU; flash or
+memory-efficient on CUDA) whose backward has no derivative, so create_graph=True fails there.
+GroupNorm and SiLU keep their native first backward and bring their second derivative written out
+(a few lines of algebra each): torch's own versions become ~20 small operations each under
+create_graph=True (docs/benchmarks.md). Those layers, and the 1x1 convolutions written as matrix
+products, follow the UNet at the end of the file: they change how derivatives are computed, not
+what the network is.
 """
 
 import math
@@ -51,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import aebm
 import covariances as cv
 from covariances import S_MAX, S_MIN
 
@@ -66,213 +68,6 @@ CONFIGS = {
 }
 N_FREQS = 6  # sinusoidal frequencies per log-variance
 SPECTRAL_SCALE = 5.0  # log-variance deviations (up to ~20 in a spectrum) scaled to O(1) before gating
-
-
-# -----------------------------------------------------------------------------
-# GroupNorm and SiLU with explicit second derivatives.
-#
-# Training differentiates dE/dy again (create_graph=True). For that torch replaces GroupNorm's one
-# native backward kernel by a composite of ~20 differentiable operations, and the second backward
-# then differentiates every one of them. Here the first backward stays the native kernel, and its
-# own derivative is written out below (tests/test_nets.py checks it against torch's composite with
-# gradgradcheck). Per group of N = C/G * H * W values, with x^ = (x - mean) r, r = 1/sqrt(var + eps),
-# P(v) = v - mean(v) - x^ mean(v x^) (a symmetric projection), h = weight * gy:
-#
-#   first backward:   gx = r P(h),   gweight = sum gy x^,   gbias = sum gy
-#   its derivative, for upstream gradients a (of gx), a_w (of gweight), a_b (of gbias):
-#     d/dgy     = weight r P(a) + a_w x^ + a_b
-#     d/dweight = sum gy r P(a)
-#     d/dx      = r P(q) - (r^2 / N) x^ sum(h P(a)),   q = a_w gy - r (mean(h x^) a + mean(a x^) h)
-#   (from dx^ = r P(dx) and dr = -r^2 mean(x^ dx)). P is linear, so r P(q) = r P(a_w gy) - r mean(h x^) r P(a)
-#   - r mean(a x^) gx, and both r P(.) of a full tensor are the native backward kernel again (r P(w g) is
-#   what it computes for a weight w): d/dx = native(gy; weight a_w) - r (mean(h x^) rPa + mean(a x^) gx
-#   + sum(rPa h) x^ / N), with rPa = native(a; no weight) and gx the first backward's own output.
-
-class GroupNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
-        B, C = x.shape[:2]
-        ctx.memory_format = dense_format(x)  # GroupNorm.forward made x dense; gy must be dense the same way
-        y, mean, rstd = torch.native_group_norm(x, weight, bias, B, C, math.prod(x.shape[2:]), groups, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups = groups
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        gy = gy.contiguous(memory_format=ctx.memory_format)
-        if not torch.is_grad_enabled():  # a first-order backward (no create_graph): the native kernel alone
-            return (*GroupNormBackward.native(gy, x, weight, mean, rstd, ctx.groups), None, None)
-        gx, gweight, gbias = GroupNormBackward.apply(gy, x, weight, mean, rstd, ctx.groups)
-        return gx, gweight, gbias, None, None
-
-
-class GroupNormBackward(torch.autograd.Function):
-    """The first backward (native kernel) as a function of (gy, x, weight), with the derivative above."""
-
-    @staticmethod
-    def native(gy, x, weight, mean, rstd, groups, mask=(True, True, True)):
-        """(r P(weight gy), sum gy x^, sum gy) per channel (weight None: r P(gy)); mask picks which are computed."""
-        B, C = x.shape[:2]
-        return torch.ops.aten.native_group_norm_backward(gy, x, mean, rstd, weight, B, C, math.prod(x.shape[2:]),
-                                                         groups, list(mask))
-
-    @staticmethod
-    def forward(ctx, gy, x, weight, mean, rstd, groups):
-        gx, gweight, gbias = GroupNormBackward.native(gy, x, weight, mean, rstd, groups)
-        ctx.save_for_backward(gy, x, weight, mean, rstd, gx)  # gx kept: +3% peak memory (paper64), one native call less
-        ctx.groups = groups
-        ctx.set_materialize_grads(False)  # gweight and gbias usually get no gradient: None, not zeros
-        return gx, gweight, gbias
-
-    @staticmethod
-    def backward(ctx, a, a_w, a_b):
-        gy, x, weight, mean, rstd, gx = ctx.saved_tensors
-        B, C, H, W = x.shape
-        G = ctx.groups
-        shape = (B, G, C // G, H, W)  # each group's values along the last three dimensions
-        N = C // G * H * W
-        a = torch.zeros_like(x) if a is None else a.contiguous(memory_format=dense_format(x))
-
-        def mean_g(t):  # per-group mean, kept broadcastable: (B, G, 1, 1, 1)
-            return t.mean(dim=(2, 3, 4), keepdim=True)
-
-        r = rstd.view(B, G, 1, 1, 1)
-        xh = (x.reshape(shape) - mean.view(B, G, 1, 1, 1)) * r
-        w = weight.view(1, G, C // G, 1, 1)
-        gy5, h = gy.reshape(shape), w * gy.reshape(shape)
-        rPa = GroupNormBackward.native(a, x, None, mean, rstd, G, (True, False, False))[0].reshape(shape)
-        g_gy = w * rPa
-        g_weight = (gy5 * rPa).sum(dim=(0, 3, 4))
-        # d/dx without the a_w term: -r (mean(h x^) rPa + mean(a x^) gx + sum(rPa h) x^ / N)
-        g_x = mean_g(h * xh) * rPa
-        g_x = g_x.addcmul_(mean_g(a.reshape(shape) * xh), gx.reshape(shape))
-        g_x = g_x.addcmul_((rPa * h).sum(dim=(2, 3, 4), keepdim=True) / N, xh).mul_(-r)
-        if a_w is not None:
-            g_gy = g_gy + a_w.view(1, G, C // G, 1, 1) * xh
-            g_x = g_x + GroupNormBackward.native(gy, x, a_w, mean, rstd, G, (True, False, False))[0].reshape(shape)
-        if a_b is not None:
-            g_gy = g_gy + a_b.view(1, G, C // G, 1, 1)
-        return g_gy.reshape(B, C, H, W), g_x.reshape(B, C, H, W), g_weight.reshape(C), None, None, None
-
-
-def dense_format(x):
-    """The layout the native GroupNorm kernels take x in: on the CPU, channels_last for a tensor laid out
-    so; the default layout otherwise, and always on CUDA, whose kernels take no other (torch's own
-    group_norm makes CUDA inputs contiguous the same way)."""
-    if (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters, same state dict) through GroupNormFunction in training mode, with
-    torch's dtypes: CUDA autocast runs group_norm in float32 (CPU autocast leaves it in the input's dtype).
-    In eval mode, or with second_order = False, it is torch's own: a Function written in Python costs
-    ~30 us a call, 6% of a sampler's evaluation on the CPU, which only needs the first backward."""
-
-    second_order = True
-
-    def forward(self, x):
-        if not (self.training and self.second_order):
-            return super().forward(x)
-        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-            x = x.float()
-        # The native kernels take dense tensors. Made dense here, outside the Function, so that autograd sees
-        # the copy: the second derivative reaches x through the x the Function saves.
-        x = x.contiguous(memory_format=dense_format(x))
-        return GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
-
-
-def group_norm(ch):
-    return GroupNorm(num_groups=min(32, max(1, ch // 4)), num_channels=ch, eps=1e-6)
-
-
-# SiLU the same way: with create_graph=True torch writes silu's backward as ~7 differentiable operations
-# and differentiates each again. Here the first backward is the native kernel, gx = gy s'(x), and its
-# derivative is explicit, with s(x) = x sigma(x), s'(x) = sigma (1 + x (1 - sigma)) and
-#   s''(x) = sigma (1 - sigma) (2 + x (1 - 2 sigma)) = sigma (1 - sigma) (x + 2 - 2 s(x)):
-#     d/dgy = a s'(x)   (the native kernel again),   d/dx = a gy s''(x)   (sigmoid_backward: w sigma (1 - sigma)).
-
-class SiLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return F.silu(x)
-
-    @staticmethod
-    def backward(ctx, gy):
-        (x,) = ctx.saved_tensors
-        if not torch.is_grad_enabled():  # a first-order backward (no create_graph): the native kernel alone
-            return torch.ops.aten.silu_backward(gy, x)
-        return SiLUBackward.apply(gy, x)
-
-
-class SiLUBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gy, x):
-        ctx.save_for_backward(gy, x)
-        return torch.ops.aten.silu_backward(gy, x)
-
-    @staticmethod
-    def backward(ctx, a):
-        gy, x = ctx.saved_tensors
-        sigma = torch.sigmoid(x)
-        v = torch.addcmul(x + 2, x, sigma, value=-2)  # x + 2 - 2 s(x)
-        return torch.ops.aten.silu_backward(a, x), torch.ops.aten.sigmoid_backward(a * gy * v, sigma)
-
-
-def silu(x):
-    return SiLUFunction.apply(x)
-
-
-class SiLU(nn.Module):
-    """SiLU through SiLUFunction in training mode, torch's F.silu otherwise (as GroupNorm above)."""
-
-    second_order = True
-
-    def forward(self, x):
-        return silu(x) if self.training and self.second_order else F.silu(x)
-
-
-def set_second_order(net, on):
-    """Turn the explicit second derivatives of net's GroupNorm and SiLU layers on or off (off: a network
-    that is never differentiated twice, such as bench.py's score model)."""
-    for m in net.modules():
-        if isinstance(m, (GroupNorm, SiLU)):
-            m.second_order = on
-    return net
-
-
-# 1x1 convolutions as one batched matrix product. On the CPU, oneDNN's 1x1 convolution spends most of its time
-# outside the arithmetic at the small config's sizes (a 16-channel map of 32x32 images), and the weight
-# gradient of its double backward is a convolution with an image-sized kernel. W (out, in) @ x (B, in, H*W)
-# is the same map, and its first and second derivatives are batched matrix products too: on 2 threads the
-# training steps bench.py times and a sampler's evaluation run 6-10% faster (single-threaded: the same speed;
-# README, Benchmarks). On CUDA, cuDNN's own convolution, which is what the GPU measurements used.
-
-class Conv1x1(nn.Conv2d):
-    """nn.Conv2d(in_ch, out_ch, 1) (same parameters, same state dict), computed on the CPU as bias + W x per image."""
-
-    def __init__(self, in_ch, out_ch, bias=True):
-        super().__init__(in_ch, out_ch, 1, bias=bias)
-
-    def forward(self, x):
-        if x.device.type != "cpu":
-            return super().forward(x)
-        B, C, H, W = x.shape
-        w = self.weight.view(1, self.out_channels, C).expand(B, -1, -1)  # a view: no copy per image
-        x = x.reshape(B, C, H * W)
-        y = torch.bmm(w, x) if self.bias is None else torch.baddbmm(self.bias.view(1, -1, 1), w, x)
-        return y.view(B, self.out_channels, H, W)
-
-
-def zero_init(module):
-    nn.init.zeros_(module.weight)
-    nn.init.zeros_(module.bias)
-    return module
 
 
 # -----------------------------------------------------------------------------
@@ -320,6 +115,16 @@ def frequency_coordinates(basis, H, W, ref):
 
 # -----------------------------------------------------------------------------
 # UNet blocks.
+
+def zero_init(module):
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+def group_norm(ch):
+    return GroupNorm(num_groups=min(32, max(1, ch // 4)), num_channels=ch, eps=1e-6)
+
 
 class Attention(nn.Module):
     """Self-attention over positions, explicit softmax (twice differentiable on every backend)."""
@@ -414,7 +219,7 @@ class UNet(nn.Module):
         self.split = [[b.out_ch for b, l in zip(blocks_in_order, self.levels) if l == level] for level in range(len(mults))]
         self.gain_spatial = nn.ModuleList(Conv1x1(emb_hidden, w) for w in width)
         self.gain_spectral = nn.ModuleList(Conv1x1(emb_hidden, w, bias=False) for w in width)  # zero for sigma^2 I
-        # The learned normalizing constant (README, Normalization): a per-coordinate function of the
+        # The learned normalizing constant (docs/method.md, M3): a per-coordinate function of the
         # covariance alone, added to M3 as sum_k w_k b_k(Sigma). DSM cannot see it; A-CSM pins it. M3's
         # other terms can express a Sigma-dependent constant only through y (as |y~|^2), which DSM
         # penalises. Zero-initialised: a new model still starts at the Gaussian energy.
@@ -484,6 +289,208 @@ def build_unet(config, img_size, in_channels, dropout=None):
     kwargs = dict(CONFIGS[config], **({} if dropout is None else {"dropout": dropout}))
     return UNet(img_size=img_size, in_channels=in_channels, **kwargs)
 
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Plumbing: layers that are cheap to differentiate twice. Same values, parameters and state dicts as
+# torch's nn.GroupNorm, F.silu and 1x1 nn.Conv2d; they differ only in how their derivatives are computed.
+#
+# GroupNorm and SiLU with explicit second derivatives.
+#
+# Training differentiates dE/dy again (create_graph=True). For that torch replaces GroupNorm's one
+# native backward kernel by a composite of ~20 differentiable operations, and the second backward
+# then differentiates every one of them. Here the first backward stays the native kernel, and its
+# own derivative is written out below (tests/test_nets.py checks it against torch's composite with
+# gradgradcheck). Per group of N = C/G * H * W values, with x^ = (x - mean) r, r = 1/sqrt(var + eps),
+# P(v) = v - mean(v) - x^ mean(v x^) (a symmetric projection), h = weight * gy:
+#
+#   first backward:   gx = r P(h),   gweight = sum gy x^,   gbias = sum gy
+#   its derivative, for upstream gradients a (of gx), a_w (of gweight), a_b (of gbias):
+#     d/dgy     = weight r P(a) + a_w x^ + a_b
+#     d/dweight = sum gy r P(a)
+#     d/dx      = r P(q) - (r^2 / N) x^ sum(h P(a)),   q = a_w gy - r (mean(h x^) a + mean(a x^) h)
+#   (from dx^ = r P(dx) and dr = -r^2 mean(x^ dx)). P is linear, so r P(q) = r P(a_w gy) - r mean(h x^) r P(a)
+#   - r mean(a x^) gx, and both r P(.) of a full tensor are the native backward kernel again (r P(w g) is
+#   what it computes for a weight w): d/dx = native(gy; weight a_w) - r (mean(h x^) rPa + mean(a x^) gx
+#   + sum(rPa h) x^ / N), with rPa = native(a; no weight) and gx the first backward's own output.
+
+class GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        B, C = x.shape[:2]
+        ctx.memory_format = dense_format(x)  # GroupNorm.forward made x dense; gy must be dense the same way
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, B, C, math.prod(x.shape[2:]), groups, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.groups = groups
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        gy = gy.contiguous(memory_format=ctx.memory_format)
+        if not torch.is_grad_enabled():  # a first-order backward (no create_graph): the native kernel alone
+            return (*GroupNormBackward.native(gy, x, weight, mean, rstd, ctx.groups), None, None)
+        gx, gweight, gbias = GroupNormBackward.apply(gy, x, weight, mean, rstd, ctx.groups)
+        return gx, gweight, gbias, None, None
+
+
+class GroupNormBackward(torch.autograd.Function):
+    """The first backward (native kernel) as a function of (gy, x, weight), with the derivative above."""
+
+    @staticmethod
+    def native(gy, x, weight, mean, rstd, groups, mask=(True, True, True)):
+        """(r P(weight gy), sum gy x^, sum gy) per channel (weight None: r P(gy)); mask picks which are computed."""
+        B, C = x.shape[:2]
+        return torch.ops.aten.native_group_norm_backward(gy, x, mean, rstd, weight, B, C, math.prod(x.shape[2:]),
+                                                         groups, list(mask))
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, mean, rstd, groups):
+        gx, gweight, gbias = GroupNormBackward.native(gy, x, weight, mean, rstd, groups)
+        ctx.save_for_backward(gy, x, weight, mean, rstd, gx)  # gx kept: one native call less in the second backward
+        ctx.groups = groups
+        ctx.set_materialize_grads(False)  # gweight and gbias usually get no gradient: None, not zeros
+        return gx, gweight, gbias
+
+    @staticmethod
+    def backward(ctx, a, a_w, a_b):
+        gy, x, weight, mean, rstd, gx = ctx.saved_tensors
+        B, C, H, W = x.shape
+        G = ctx.groups
+        shape = (B, G, C // G, H, W)  # each group's values along the last three dimensions
+        N = C // G * H * W
+        a = torch.zeros_like(x) if a is None else a.contiguous(memory_format=dense_format(x))
+
+        def mean_g(t):  # per-group mean, kept broadcastable: (B, G, 1, 1, 1)
+            return t.mean(dim=(2, 3, 4), keepdim=True)
+
+        r = rstd.view(B, G, 1, 1, 1)
+        xh = (x.reshape(shape) - mean.view(B, G, 1, 1, 1)) * r
+        w = weight.view(1, G, C // G, 1, 1)
+        gy5, h = gy.reshape(shape), w * gy.reshape(shape)
+        rPa = GroupNormBackward.native(a, x, None, mean, rstd, G, (True, False, False))[0].reshape(shape)
+        g_gy = w * rPa
+        g_weight = (gy5 * rPa).sum(dim=(0, 3, 4))
+        # d/dx without the a_w term: -r (mean(h x^) rPa + mean(a x^) gx + sum(rPa h) x^ / N)
+        g_x = mean_g(h * xh) * rPa
+        g_x = g_x.addcmul_(mean_g(a.reshape(shape) * xh), gx.reshape(shape))
+        g_x = g_x.addcmul_((rPa * h).sum(dim=(2, 3, 4), keepdim=True) / N, xh).mul_(-r)
+        if a_w is not None:
+            g_gy = g_gy + a_w.view(1, G, C // G, 1, 1) * xh
+            g_x = g_x + GroupNormBackward.native(gy, x, a_w, mean, rstd, G, (True, False, False))[0].reshape(shape)
+        if a_b is not None:
+            g_gy = g_gy + a_b.view(1, G, C // G, 1, 1)
+        return g_gy.reshape(B, C, H, W), g_x.reshape(B, C, H, W), g_weight.reshape(C), None, None, None
+
+
+def dense_format(x):
+    """The layout the native GroupNorm kernels take x in: on the CPU, channels_last for a tensor laid out
+    so; the default layout otherwise, and always on CUDA, whose kernels take no other (torch's own
+    group_norm makes CUDA inputs contiguous the same way)."""
+    if (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same state dict) through GroupNormFunction in training mode, with
+    torch's dtypes: CUDA autocast runs group_norm in float32 (CPU autocast leaves it in the input's dtype).
+    In eval mode, or with second_order = False, it is torch's own: a Function written in Python costs
+    more per call than a native layer, and a sampler's evaluation only needs the first backward."""
+
+    second_order = True
+
+    def forward(self, x):
+        if not (self.training and self.second_order):
+            return super().forward(x)
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            x = x.float()
+        # The native kernels take dense tensors. Made dense here, outside the Function, so that autograd sees
+        # the copy: the second derivative reaches x through the x the Function saves.
+        x = x.contiguous(memory_format=dense_format(x))
+        return GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+
+
+# SiLU the same way: with create_graph=True torch writes silu's backward as ~7 differentiable operations
+# and differentiates each again. Here the first backward is the native kernel, gx = gy s'(x), and its
+# derivative is explicit, with s(x) = x sigma(x), s'(x) = sigma (1 + x (1 - sigma)) and
+#   s''(x) = sigma (1 - sigma) (2 + x (1 - 2 sigma)) = sigma (1 - sigma) (x + 2 - 2 s(x)):
+#     d/dgy = a s'(x)   (the native kernel again),   d/dx = a gy s''(x)   (sigmoid_backward: w sigma (1 - sigma)).
+
+class SiLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.silu(x)
+
+    @staticmethod
+    def backward(ctx, gy):
+        (x,) = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # a first-order backward (no create_graph): the native kernel alone
+            return torch.ops.aten.silu_backward(gy, x)
+        return SiLUBackward.apply(gy, x)
+
+
+class SiLUBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gy, x):
+        ctx.save_for_backward(gy, x)
+        return torch.ops.aten.silu_backward(gy, x)
+
+    @staticmethod
+    def backward(ctx, a):
+        gy, x = ctx.saved_tensors
+        sigma = torch.sigmoid(x)
+        v = torch.addcmul(x + 2, x, sigma, value=-2)  # x + 2 - 2 s(x)
+        return torch.ops.aten.silu_backward(a, x), torch.ops.aten.sigmoid_backward(a * gy * v, sigma)
+
+
+def silu(x):
+    return SiLUFunction.apply(x)
+
+
+class SiLU(nn.Module):
+    """SiLU through SiLUFunction in training mode, torch's F.silu otherwise (as GroupNorm above)."""
+
+    second_order = True
+
+    def forward(self, x):
+        return silu(x) if self.training and self.second_order else F.silu(x)
+
+
+def set_second_order(net, on):
+    """Turn the explicit second derivatives of net's GroupNorm and SiLU layers on or off (off: a network
+    that is never differentiated twice, such as bench.py's score model)."""
+    for m in net.modules():
+        if isinstance(m, (GroupNorm, SiLU)):
+            m.second_order = on
+    return net
+
+
+# 1x1 convolutions as one batched matrix product. On the CPU, oneDNN's 1x1 convolution spends most of its time
+# outside the arithmetic at the small config's sizes (a 16-channel map of 32x32 images), and the weight
+# gradient of its double backward is a convolution with an image-sized kernel. W (out, in) @ x (B, in, H*W)
+# is the same map, and its first and second derivatives are batched matrix products too: training steps
+# and a sampler's evaluation run faster on 2 threads (docs/benchmarks.md). On CUDA, cuDNN's own convolution.
+
+class Conv1x1(nn.Conv2d):
+    """nn.Conv2d(in_ch, out_ch, 1) (same parameters, same state dict), computed on the CPU as bias + W x per image."""
+
+    def __init__(self, in_ch, out_ch, bias=True):
+        super().__init__(in_ch, out_ch, 1, bias=bias)
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            return super().forward(x)
+        B, C, H, W = x.shape
+        w = self.weight.view(1, self.out_channels, C).expand(B, -1, -1)  # a view: no copy per image
+        x = x.reshape(B, C, H * W)
+        y = torch.bmm(w, x) if self.bias is None else torch.baddbmm(self.bias.view(1, -1, 1), w, x)
+        return y.view(B, self.out_channels, H, W)
+
 
 # -----------------------------------------------------------------------------
 # Memory of one evaluation (sample.py refuses images that would not fit).
@@ -493,8 +500,6 @@ def evaluation_bytes(energy, shape, device):
     network's training size (batch 1) and scaled by the number of pixels n, plus each self-attention
     layer's (n / 4^level)^2 weights (quadratic: they dominate for images much larger than the
     training size; the 1.3 is measured, at 256x256 for the small config)."""
-    import aebm  # the energy wraps this file's network
-
     net = getattr(energy, "net", None)
     if net is None:
         return 0
@@ -532,6 +537,3 @@ def check_memory(energy, shape, device):
         raise MemoryError(f"a {shape[-1]}x{shape[-2]} image needs about {need / 2 ** 30:.1f} GiB for one network "
                           f"evaluation and {free / 2 ** 30:.1f} GiB are free on {device}; crop or downscale it")
 
-
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())

@@ -1,25 +1,21 @@
 """
-Training: dual score matching (docs/method.md §4, §6) in one plain loop.
+Training: dual score matching (docs/method.md §4, §5) in one plain loop.
 
-    python train.py                                        # small UNet on dead leaves, CPU, ~4 min
-    python train.py --dataset gaussian                     # ground truth known: see README, Validation
+    python train.py                                        # small UNet on dead leaves, CPU, a few minutes
+    python train.py --preset hour                          # the model docs/results.md measures
     torchrun --nproc_per_node=8 train.py --dataset imagenet64 --data-dir DIR   # the paper's run
 
-The script reads top to bottom: presets, flags, distributed set-up, data, model, optimizer,
-checkpoint/resume, the loop. Each step draws clean images x, one covariance per image
-(covariances.sample_training_covariances, docs/method.md §2) and noise, and minimises
-L = L_DSM + lam L_CSM (aebm.dual_score_loss, M8); --lam 0 is single (DSM-only) score matching.
+The file reads top to bottom: presets, flags, one training step, the loop, then the named steps the
+loop calls (set-up, checkpoints, validation) and what a cluster does to a run. Each step draws
+clean images x, one covariance per image (covariances.sample_training_covariances, docs/method.md §2)
+and noise, and minimises L = L_DSM + lam L_CSM (aebm.dual_score_loss, M8); --lam 0 is single
+(DSM-only) score matching.
 
-Distributed: torchrun starts one process per device (NCCL on CUDA, gloo on CPU); each rank draws
-its own share of the batch with its own seeds, and gradients are averaged with one all_reduce.
-We do not wrap the model in DistributedDataParallel: its reducer assumes one forward per backward,
-while a dual-score step calls the network once per covariance group and differentiates through
-torch.autograd.grad(create_graph=True); an explicit all_reduce is exact and simple
-(tests/test_train.py checks 2 ranks against 1 process on the joint batch).
-
-Checkpoints hold the model, its EMA, the optimizer, the step, the configuration and every RNG
-state of every rank, written atomically (temporary file, then os.replace); --resume continues
-exactly (bit-identical on CPU). A non-finite loss stops the run and leaves the last checkpoint.
+Distributed: torchrun starts one process per device (NCCL on CUDA, gloo on CPU), each rank with its
+own share of the batch and its own seeds; gradients are averaged by one explicit all_reduce, not the
+DDP wrapper, whose reducer assumes one forward per backward (a dual-score step calls the network once
+per covariance group and differentiates through autograd.grad). Checkpoints hold every random stream
+of every rank and are written atomically, so --resume continues bit for bit (docs/training.md).
 """
 
 import argparse
@@ -30,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -39,31 +36,20 @@ import covariances as cv
 import data
 import nets
 
-# Presets: `--dataset imagenet64` alone gives the paper's configuration (docs/method.md §6); every other
+# Presets: `--dataset imagenet64` alone gives the paper's configuration (docs/method.md §5); every other
 # dataset starts from the quick preset. Any flag given on the command line wins over the preset.
-# The paper preset trains in float32 with TF32 rather than bf16 autocast: measured on an H100 at the
-# paper's per-GPU batch, a dual step takes 597 ms with TF32 against 675 ms with bf16 (the casts cost
-# more than they save at batch 16), and TF32 keeps the energy ~15x closer to float32 (README, Benchmarks).
+# quick and hour are the CPU presets. Against the paper's recipe (the imagenet64 preset) they weight A-DSM per
+# coordinate (--dsm-weight edm: M5 charges a dropped frequency's error by 1/s = 1e-8, so nothing trains what SR
+# or a hole leaves to the prior), draw half the masks like an inpainting task (--p-hole 0.5: independent draws
+# rarely do), start the training variances at 1e-4 (below, the denoiser is nearly the identity and teaches
+# restoration little), and weight A-CSM by lam = 0.2 (its noisy target takes a share of a small network's
+# training that restoration needs; any lam > 0 keeps the exact energy as the minimiser). Each choice is measured
+# against the paper's in docs/results.md. The paper preset trains in float32 with TF32 rather than bf16 autocast:
+# faster at the per-GPU batch and closer to float32 (docs/benchmarks.md).
 PRESETS = {
-    # The quickstart: 400 steps of batch 8 (~4 min on 2 CPU cores) with the hour preset's loss choices (below) at
-    # twice its learning rate. Measured on 32 held-out dead-leaves images against the fitted Wiener filter (README,
-    # Learning): with the paper's losses (M5, lam = 1, variances from 1e-6) the model was the Wiener filter
-    # (denoising -0.19 dB, inpainting -0.84 dB, blind inpainting right on 0.34); with these, +0.40 dB, -0.59 dB
-    # and 0.48 (+0.26 dB at denoising with lr 1e-3). The Gaussian-field experiments pass the paper's losses.
     "quick": dict(config="small", batch=8, steps=400, lr=2e-3, warmup=50, decay="cosine", decay_every=0, ema=0.99,
                   log_every=25, eval_every=200, ckpt_every=200, bf16=False, tf32=False, s_range=(1e-4, 1e3),
                   dsm_weight="edm", p_hole=0.5, lam=0.2),
-    # About an hour on 2 CPU cores (README, Learning): twice the batch, ten times the steps, a slower EMA, and
-    # training variances drawn from [1e-4, 1e3] instead of [1e-6, 1e3]: below 1e-4 (noise under 1% of the
-    # signal range) the denoiser is nearly the identity and the draws teach restoration little. And A-DSM
-    # weighted per coordinate by (s + sigma_d^2)/sigma_d^2 (--dsm-weight edm): M5 weighs the error of a
-    # dropped frequency (s = 1e8) by 1e-8, so nothing trained the SR fill and it drifted to -4.1 dB below
-    # Wiener; weighted, SR ends +0.6 dB above it. Half the masks drawn like an inpainting task (--p-hole 0.5:
-    # independent draws make "hole above 1, observed below 1e-2" 8% of masks): at step 3600 every task gains
-    # or holds and blind inpainting goes from 0.77 to 0.99 (README, Learning). And the A-CSM loss weighted
-    # lam = 0.2 rather than 1: its noisy target took a share of a small net's training that restoration
-    # needed (lam = 0 gains 0.7 dB at denoising in 1200 steps but loses blind inpainting); at 0.2 every task
-    # gains or holds and blind inpainting holds (README, Learning).
     "hour": dict(config="small", batch=16, steps=3600, lr=1e-3, warmup=100, decay="cosine", decay_every=0, ema=0.999,
                  log_every=100, eval_every=600, ckpt_every=600, bf16=False, tf32=False, s_range=(1e-4, 1e3),
                  dsm_weight="edm", p_hole=0.5, lam=0.2),
@@ -75,11 +61,6 @@ PRESETS = {
 # variances from S_MIN), as flags. The validation experiments on the Gaussian field train with them, whatever the
 # quick preset tunes for images; each passes its own --lam.
 PAPER_LOSSES = ["--dsm-weight", "none", "--p-hole", "0", "--s-range", str(cv.S_MIN), str(cv.S_MAX)]
-# Native image size and spectral basis per dataset (periodic data: fft; natural images: dct).
-DATASET_DEFAULTS = {
-    "deadleaves": (32, "dct"), "gaussian": (16, "fft"), "imagenet64": (64, "fft"), "cifar10": (32, "dct"),
-    "mnist": (28, "dct"), "celeba": (64, "dct"), "folder": (64, "dct"),
-}
 LOG_COLUMNS = ["step", "split", "loss_dsm", "loss_csm", "lr", "grad_norm", "img_per_s", "elapsed_s"] + [
     f"{kind}_{task}" for task in ("denoise", "inpaint", "deblur", "sr") for kind in ("psnr", "wiener", "observed")
 ] + ["blind_inpaint"]
@@ -87,75 +68,80 @@ LOG_COLUMNS = ["step", "split", "loss_dsm", "loss_csm", "lr", "grad_norm", "img_
 ARCHITECTURE_KEYS = ("dataset", "img_size", "channels", "config", "dtype")
 
 
-def parse_args(argv=None):
+# -----------------------------------------------------------------------------
+# Flags: the ones a learner needs first, then the advanced ones (`python train.py --help`).
+
+def build_parser():
     p = argparse.ArgumentParser(description="Train an anisotropic energy model with dual score matching.")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="defaults for the flags below (default: imagenet64 for --dataset imagenet64, else quick)")
     p.add_argument("--dataset", default="deadleaves", help=f"one of {data.BUILTIN + data.ON_DISK}")
-    p.add_argument("--data-dir", default=None, help="directory of an on-disk dataset (see README, Datasets)")
-    p.add_argument("--img-size", type=int, default=None, help="image size (default: the dataset's, e.g. 32 for deadleaves)")
-    p.add_argument("--channels", type=int, default=3, help="1 or 3 (built-in datasets and image folders)")
-    p.add_argument("--leaf-radii", type=float, nargs=2, default=None, metavar=("R_MIN", "R_MAX"),
-                   help="dead leaves: smallest and largest disk radius in pixels (default 1 and IMG_SIZE/3)")
-    p.add_argument("--config", default=None, help=f"network, one of {sorted(nets.CONFIGS)} (preset: small / paper64)")
-    p.add_argument("--spectral-basis", default=None, choices=["fft", "dct"],
-                   help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
-    p.add_argument("--p-iso", type=float, default=0.1, help="fraction of isotropic training covariances")
-    p.add_argument("--s-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help=f"range of the log-uniform training variances (default {cv.S_MIN:g} {cv.S_MAX:g}; preset: 1e-4 "
-                        "1e3 for quick and hour; noise of "
-                        "spectral draws up to min(HI, --spectral-noise-max))")
-    p.add_argument("--spectral-noise-max", type=float, default=1.0,
-                   help="largest noise variance of the blur/SR training draws (log-uniform from LO of --s-range); "
-                        "above 1 the spectral families reach M3's s -> infinity anchor along their own noise axis")
-    p.add_argument("--p-hole", type=float, default=None,
-                   help="fraction of training masks drawn like inpainting: hole variance in [1, HI], observed in "
-                        "[LO, 1e-2] (cv.sample_training_covariances); 0: independent draws, as in the paper "
-                        "(preset: 0.5 for quick and hour, else 0)")
+    p.add_argument("--data-dir", default=None, help="directory of an on-disk dataset (README, Datasets)")
+    p.add_argument("--out", default="runs/quick", help="run directory: ckpt.pt, log.csv, PNG grids, curves.png")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly")
+    p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
+    p.add_argument("--batch", type=int, default=None, help="global batch size, split over ranks")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate after warm-up")
     p.add_argument("--lam", type=float, default=None,
                    help="weight of the A-CSM loss (M8); 0 = DSM-only (preset: 0.2 for quick and hour, else 1)")
-    p.add_argument("--dsm-weight", default=None, choices=["none", "edm"],
-                   help="edm: weight A-DSM's coordinates by (s + sigma_d^2)/sigma_d^2, so that missing pixels count "
-                        "(aebm.dual_score_losses); none: M5 as written (preset: edm for quick and hour, else none)")
-    p.add_argument("--antithetic", type=int, default=0, choices=[0, 1],
-                   help="1: noise every image twice, with zeta and its antithetic twin (equal law, the A-CSM "
-                        "target's sum nearly cancels: a flatter offset across noise levels); twice the cost per "
-                        "image, so halve --batch for equal compute")
-    p.add_argument("--csm", default="coords", choices=["coords", "sum"],
-                   help="A-CSM per coordinate (M6, M7 as written) or its sum over coordinates, the total derivative "
-                        "along Sigma e^t (still normalizes; one regression per image instead of d); validation logs "
-                        "the per-coordinate loss either way")
-    p.add_argument("--batch", type=int, default=None, help="global batch size, split over ranks")
-    p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate after warm-up")
-    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
-    p.add_argument("--decay", default=None, choices=["cosine", "step", "none"],
-                   help="after warm-up: cosine to lr/20 over --steps (quick preset), halve every --decay-every "
-                        "steps (paper preset), or constant")
-    p.add_argument("--decay-every", type=int, default=None, help="with --decay step: halve the learning rate every this many steps")
-    p.add_argument("--clip", type=float, default=20.0, help="gradient-norm clip")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights")
-    p.add_argument("--bf16", type=int, default=None, help="1: UNet under bf16 autocast on CUDA (energy reductions stay float32)")
-    p.add_argument("--tf32", type=int, default=None, help="1: allow TF32 matmuls/convolutions on CUDA")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
-    p.add_argument("--log-every", type=int, default=None, help="steps between log lines")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between validation losses and sample grids")
-    p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints")
-    p.add_argument("--val-batch", type=int, default=16, help="held-out images for validation losses and grids")
-    p.add_argument("--val-restore", type=int, default=1, choices=[0, 1],
-                   help="1: validation also scores restorations against a fitted Wiener filter and blind inpainting")
-    p.add_argument("--out", default="runs/quick", help="run directory: ckpt.pt, log.csv, PNG grids")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly")
     p.add_argument("--seed", type=int, default=0, help="random seed (rank r uses seed + r)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dropout", type=float, default=None, help="dropout rate of the UNet (default: the config's)")
+
+    a = p.add_argument_group("data and network")
+    a.add_argument("--img-size", type=int, default=None, help="image size (default: the dataset's, e.g. 32 for deadleaves)")
+    a.add_argument("--channels", type=int, default=3, help="1 or 3 (built-in datasets and image folders)")
+    a.add_argument("--leaf-radii", type=float, nargs=2, default=None, metavar=("R_MIN", "R_MAX"),
+                   help="dead leaves: smallest and largest disk radius in pixels (default 1 and IMG_SIZE/3)")
+    a.add_argument("--config", default=None, help=f"network, one of {sorted(nets.CONFIGS)} (preset: small / paper64)")
+    a.add_argument("--dropout", type=float, default=None, help="dropout rate of the UNet (default: the config's)")
+    a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
+
+    a = p.add_argument_group("the loss and its covariances (docs/method.md §2, §4)")
+    a.add_argument("--dsm-weight", default=None, choices=["none", "edm"],
+                   help="edm: weight A-DSM's coordinates by (s + sigma_d^2)/sigma_d^2, so that missing pixels count "
+                        "(aebm.dual_score_losses); none: M5 as written (preset: edm for quick and hour, else none)")
+    a.add_argument("--spectral-basis", default=None, choices=["fft", "dct"],
+                   help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
+    a.add_argument("--s-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help=f"range of the log-uniform training variances (default {cv.S_MIN:g} {cv.S_MAX:g}; "
+                        "preset: 1e-4 1e3 for quick and hour)")
+    a.add_argument("--p-hole", type=float, default=None,
+                   help="fraction of training masks drawn like inpainting: hole variance in [1, HI], observed in "
+                        "[LO, 1e-2]; 0: independent draws, as in the paper (preset: 0.5 for quick and hour, else 0)")
+    a.add_argument("--p-iso", type=float, default=0.1, help="fraction of isotropic training covariances")
+    a.add_argument("--spectral-noise-max", type=float, default=1.0,
+                   help="largest noise variance of the blur/SR training draws (from LO of --s-range); above 1 "
+                        "the spectral families reach M3's s -> infinity anchor along their own noise axis")
+
+    a = p.add_argument_group("optimisation")
+    a.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (0: none)")
+    a.add_argument("--decay", default=None, choices=["cosine", "step", "none"],
+                   help="after warm-up: cosine to lr/20 over --steps (quick and hour), halve every --decay-every "
+                        "steps (paper preset), or constant")
+    a.add_argument("--decay-every", type=int, default=None, help="with --decay step: halve the learning rate every this many steps")
+    a.add_argument("--clip", type=float, default=20.0, help="gradient-norm clip")
+    a.add_argument("--ema", type=float, default=None, help="EMA decay of the weights")
+    a.add_argument("--bf16", type=int, default=None, help="1: UNet under bf16 autocast on CUDA (energy reductions stay float32)")
+    a.add_argument("--tf32", type=int, default=None, help="1: allow TF32 matmuls/convolutions on CUDA")
+
+    a = p.add_argument_group("logging and validation")
+    a.add_argument("--log-every", type=int, default=None, help="steps between log lines")
+    a.add_argument("--eval-every", type=int, default=None, help="steps between validations (EMA model)")
+    a.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints")
+    a.add_argument("--val-batch", type=int, default=16, help="held-out images for validation losses and grids")
+    a.add_argument("--val-restore", type=int, default=1, choices=[0, 1],
+                   help="1: validation also scores restorations against a fitted Wiener filter and blind inpainting")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.preset = args.preset or ("imagenet64" if args.dataset == "imagenet64" else "quick")
-    preset = PRESETS[args.preset]
-    for key, value in preset.items():
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    size, basis = DATASET_DEFAULTS.get(args.dataset, (32, "dct"))
+    size, basis = data.DATASET_DEFAULTS.get(args.dataset, (32, "dct"))
     args.img_size = size if args.img_size is None else args.img_size
     args.spectral_basis = args.spectral_basis or basis
     if args.dataset == "mnist":
@@ -164,10 +150,21 @@ def parse_args(argv=None):
         p.error(f"--config {args.config!r} is not one of {sorted(nets.CONFIGS)}")
     if args.dropout is None:
         args.dropout = nets.CONFIGS[args.config]["dropout"]
-    check_flags(p, args, [("--img-size", args.img_size, 1), ("--batch", args.batch, 1), ("--steps", args.steps, 1),
-                          ("--warmup", args.warmup, 0), ("--decay-every", args.decay_every, 1 if args.decay == "step" else 0),
-                          ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 1),
-                          ("--ckpt-every", args.ckpt_every, 1), ("--val-batch", args.val_batch, 1)])
+    if args.leaf_radii is not None:
+        args.leaf_radii = tuple(args.leaf_radii)
+    args.s_range = tuple(args.s_range or (cv.S_MIN, cv.S_MAX))
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """One-line errors at parse time, each naming its flag."""
+    for flag, value, minimum in [("--img-size", args.img_size, 1), ("--batch", args.batch, 1), ("--steps", args.steps, 1),
+                                 ("--warmup", args.warmup, 0), ("--decay-every", args.decay_every, 1 if args.decay == "step" else 0),
+                                 ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 1),
+                                 ("--ckpt-every", args.ckpt_every, 1), ("--val-batch", args.val_batch, 1)]:
+        if value < minimum:
+            p.error(f"{flag} must be at least {minimum}, got {value}")
     for flag, value, ok, what in [("--lr", args.lr, args.lr > 0, "positive"), ("--clip", args.clip, args.clip > 0, "positive"),
                                   ("--ema", args.ema, 0 <= args.ema < 1, "in [0, 1)"),
                                   ("--p-iso", args.p_iso, 0 <= args.p_iso <= 1, "in [0, 1]"),
@@ -179,10 +176,8 @@ def parse_args(argv=None):
     if args.leaf_radii is not None:
         if args.dataset != "deadleaves":
             p.error(f"--leaf-radii applies to --dataset deadleaves only, not {args.dataset}")
-        args.leaf_radii = tuple(args.leaf_radii)
         if not (math.isfinite(args.leaf_radii[1]) and 0 < args.leaf_radii[0] < args.leaf_radii[1]):
             p.error(f"--leaf-radii must be two radii 0 < R_MIN < R_MAX in pixels, got {args.leaf_radii[0]:g} {args.leaf_radii[1]:g}")
-    args.s_range = tuple(args.s_range or (cv.S_MIN, cv.S_MAX))
     lo, hi = args.s_range
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi and lo < 1):
         p.error(f"--s-range must be two variances 0 < LO < HI with LO < 1, got {lo:g} {hi:g}")
@@ -190,18 +185,18 @@ def parse_args(argv=None):
         p.error(f"--spectral-noise-max must be above LO of --s-range ({lo:g}), got {args.spectral_noise_max:g}")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
-    return args
-
-
-def check_flags(parser, args, integers):
-    """One-line errors at parse time for integer flags below their minimum (name, value, minimum)."""
-    for flag, value, minimum in integers:
-        if value < minimum:
-            parser.error(f"{flag} must be at least {minimum}, got {value}")
 
 
 # -----------------------------------------------------------------------------
-# Pieces of the loop.
+# One training step.
+
+def draw_batch(ds, n, g_data, device, dtype):
+    """n clean images with random horizontal flips, on device."""
+    x = ds.get_batch(n, g_data)
+    flip = torch.rand(n, generator=g_data) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    return x.to(device=device, dtype=dtype)
+
 
 def training_ranges(args):
     """--s-range, --spectral-noise-max and --p-hole as keyword arguments of cv.sample_training_covariances
@@ -210,49 +205,8 @@ def training_ranges(args):
     return dict(s_range=(lo, hi), noise_range=(lo, min(hi, args.spectral_noise_max)), p_hole=args.p_hole)
 
 
-def learning_rate(step, args):
-    """Linear warm-up (none for --warmup 0), then: cosine from lr to lr/20 over the run's --steps (so a
-    longer run keeps learning: halving every 200 steps left a 1500-step run at lr/128); halving every
-    decay_every steps (the paper's 400k-step schedule); or constant (docs/method.md §5)."""
-    warm = min(1.0, (step + 1) / max(args.warmup, 1))
-    if args.decay == "cosine":
-        progress = min(1.0, max(0, step - args.warmup) / max(1, args.steps - args.warmup))
-        return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-    if args.decay == "step":
-        return args.lr * warm * 0.5 ** (step // args.decay_every)
-    return args.lr * warm
-
-
-def average_gradients(params, world):
-    """Average .grad over ranks with one all_reduce of a flat buffer (a missing grad counts as 0)."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-
-
-def all_mean(values, world):
-    """Mean over ranks of a few scalars (for logging and the non-finite check)."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
-    if dist.is_initialized():
-        t = t.to(dist_device())
-        dist.all_reduce(t)
-        t = t.cpu() / world
-    return t.tolist()
-
-
-def dist_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None):
-    """One step of dual score matching: loss, backward, gradient all_reduce, clip, Adam.
+    """One step of dual score matching: loss (M8), backward, gradient all_reduce, clip, Adam.
     Returns (L_dsm, L_csm, grad_norm), averaged over ranks. Raises FloatingPointError on a
     non-finite loss or gradient, before the parameters change."""
     params = [p for p in energy.parameters() if p.requires_grad]
@@ -260,11 +214,11 @@ def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16) and x.device.type == "cuda"):
         weight = energy.data_var if args.dsm_weight == "edm" else None
         L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas,
-                                               dsm_weight=weight, antithetic=bool(args.antithetic), csm=args.csm)
+                                               dsm_weight=weight)
     # Only the parameters' gradients: a plain L.backward() would also carry the gradient on to the other
     # leaves of the graph, the z and log s that aebm.energy_and_scores differentiates the energy by (through
-    # the whitening, the basis transforms and the first convolution), which nothing reads: ~6% of the
-    # operators of a dual-score step (README, Benchmarks; tests/test_train.py checks the gradients are equal).
+    # the whitening, the basis transforms and the first convolution), which nothing reads
+    # (tests/test_train.py checks the gradients are the same).
     L.backward(inputs=params)
     average_gradients(params, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
@@ -275,22 +229,180 @@ def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None
     return L_dsm, L_csm, grad_norm
 
 
-@torch.no_grad()
-def update_ema(ema, net, decay, step):
-    """ema <- d ema + (1 - d) theta, with d ramped up as (1 + step) / (10 + step) early on."""
-    d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p.to(e.dtype), 1 - d)
-    for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b)
+# -----------------------------------------------------------------------------
+# The run: the loop on one screen. The named steps it calls follow it.
+
+def main(argv=None):
+    args = parse_args(argv)
+    stop = StopSignals()
+    try:
+        return run(args, stop)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        stop.restore()
 
 
-def draw_batch(ds, n, g_data, device, dtype):
-    """n clean images with random horizontal flips, on device."""
-    x = ds.get_batch(n, g_data)
-    flip = torch.rand(n, generator=g_data) < 0.5
-    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
-    return x.to(device=device, dtype=dtype)
+def run(args, stop):
+    ctx = setup(args)  # ranks, device, dtype, the run directory
+    ds, val_x, wiener = load_data(args, ctx)
+    m = build_model(args, ds, ctx)  # the energy, its EMA, Adam, the random streams, the step
+    if args.resume:
+        resume(m, args, ctx)
+    elif ctx.master and os.path.exists(ctx.ckpt_path):
+        print(f"note: {ctx.ckpt_path} exists and will be overwritten (use --resume to continue it)")
+    log = open_log(args, ctx, m)
+    while m.step < args.steps:
+        lr = learning_rate(m.step, args)
+        for group in m.opt.param_groups:
+            group["lr"] = lr
+        x = draw_batch(ds, ctx.local_batch, m.g_data, ctx.device, ctx.dtype)
+        groups = cv.sample_training_covariances(x.shape, args.spectral_basis, args.p_iso, generator=m.g_data,
+                                                **training_ranges(args), dtype=ctx.dtype, device=ctx.device)
+        try:
+            losses = train_step(m.energy, m.opt, x, groups, args, ctx.world, m.g_noise)
+        except FloatingPointError as e:
+            last = f"the last good checkpoint {ctx.ckpt_path} is kept" if os.path.exists(ctx.ckpt_path) else "no checkpoint was written yet"
+            sys.exit(f"error: step {m.step}: {e}; stopping, {last}. Try a lower --lr or check the data.")
+        update_ema(m.ema, m.net, args.ema, m.step)
+        m.step += 1
+        last_step = m.step == args.steps
+        if log is not None and (m.step % args.log_every == 0 or last_step):
+            log_training(log, args, m.step, lr, losses)
+        if log is not None and (m.step % args.eval_every == 0 or last_step):
+            log_validation(log, args, m, val_x, wiener, lr)
+        signum = agreed_signal(stop.signum, ctx.world)
+        if m.step % args.ckpt_every == 0 or last_step or signum:
+            checkpoint(m, ctx)
+        if signum:
+            finish(ctx, log, f"stopped by {signal.Signals(signum).name} at step {m.step}: checkpoint {ctx.ckpt_path} "
+                             "written; continue with --resume")
+            sys.exit(128 + signum)
+    finish(ctx, log, f"done: {m.step} steps in {(time.time() - log.t_start) / 60 if log else 0:.1f} min; checkpoint "
+                     f"{ctx.ckpt_path}, grid {os.path.join(args.out, f'val_{m.step:07d}.png')}")
+
+
+# -----------------------------------------------------------------------------
+# Set-up.
+
+def setup(args):
+    """Ranks and device: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    distributed = "RANK" in os.environ  # launched by torchrun (even with one process: NCCL is exercised)
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if args.batch % world:
+        raise ValueError(f"batch {args.batch} must be divisible by the number of processes {world}")
+    if args.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        data.prepare_out(args.out)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    return SimpleNamespace(world=world, rank=rank, master=rank == 0, device=device, distributed=distributed,
+                           local_batch=args.batch // world, dtype=getattr(torch, args.dtype),
+                           ckpt_path=os.path.join(args.out, "ckpt.pt"), log_path=os.path.join(args.out, "log.csv"))
+
+
+def load_data(args, ctx):
+    """Training data, held-out images for validation, and the classical baseline validation compares with:
+    a Gaussian prior fitted to 512 training images (its posterior mean is the Wiener filter)."""
+    ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "train", args.leaf_radii)
+    val_ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "test", args.leaf_radii)
+    args.channels = ds.channels
+    val_x = val_ds.get_batch(args.val_batch, torch.Generator().manual_seed(999_999)).to(ctx.device, ctx.dtype)
+    wiener = None
+    if args.val_restore:
+        fit_x = ds.get_batch(512, torch.Generator().manual_seed(777_777)).to(ctx.device, torch.float64)
+        wiener = aebm.fit_gaussian(fit_x, args.spectral_basis).to(ctx.dtype)
+    return ds, val_x, wiener
+
+
+def build_model(args, ds, ctx):
+    """The energy, its EMA (a frozen copy), Adam, and the per-rank random streams. g_data (CPU) draws images,
+    flips and covariances; g_noise the noise; torch's global generator (seeded per rank) drives dropout. All
+    three are checkpointed; validation draws from none of them. Every rank initialises from the same seed
+    and then takes rank 0's tensors: without the DDP wrapper nobody else would synchronise the replicas."""
+    config = {k: getattr(args, k) for k in ARCHITECTURE_KEYS}
+    config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam,
+                  dropout=args.dropout, leaf_radii=args.leaf_radii)
+    torch.manual_seed(args.seed)
+    energy = build_energy(config, ctx.device)
+    net = energy.net
+    if ctx.world > 1:
+        for tensor in list(net.parameters()) + list(net.buffers()):
+            dist.broadcast(tensor.data, src=0)
+    torch.manual_seed(20_000 + args.seed + ctx.rank)  # per-rank dropout
+    ema = copy.deepcopy(net).requires_grad_(False).eval()  # never trained, so no dropout in validation
+    ema_energy = type(energy)(ema, ds.mean, ds.var)  # the same wrapper (experiments/denoiser.py swaps it)
+    # foreach: every parameter's update in a few multi-tensor operations (torch's default on CUDA, not on CPU)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, foreach=True)
+    return SimpleNamespace(config=config, energy=energy, net=net, ema=ema, ema_energy=ema_energy, opt=opt, step=0,
+                           g_data=torch.Generator().manual_seed(args.seed + ctx.rank),
+                           g_noise=torch.Generator(ctx.device).manual_seed(10_000 + args.seed + ctx.rank))
+
+
+def learning_rate(step, args):
+    """Linear warm-up (none for --warmup 0), then: cosine from lr to lr/20 over the run's --steps (so a
+    longer run keeps learning); halving every decay_every steps (the paper's 400k-step schedule); or
+    constant (docs/method.md §5)."""
+    warm = min(1.0, (step + 1) / max(args.warmup, 1))
+    if args.decay == "cosine":
+        progress = min(1.0, max(0, step - args.warmup) / max(1, args.steps - args.warmup))
+        return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if args.decay == "step":
+        return args.lr * warm * 0.5 ** (step // args.decay_every)
+    return args.lr * warm
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written atomically, resumed exactly, refused with the differences when they do not fit.
+
+def checkpoint(m, ctx):
+    """Every rank's random streams are gathered; rank 0 writes."""
+    rng = {"data": m.g_data.get_state(), "noise": m.g_noise.get_state(), "torch": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    all_rng = [rng]
+    if ctx.world > 1:
+        all_rng = [None] * ctx.world
+        dist.all_gather_object(all_rng, rng)
+    if ctx.master:
+        save_checkpoint(ctx.ckpt_path, {"model": m.net.state_dict(), "ema": m.ema.state_dict(), "opt": m.opt.state_dict(),
+                                        "step": m.step, "config": m.config, "rng": all_rng})
+
+
+def resume(m, args, ctx):
+    """Load the weights, EMA, optimizer, step, data moments and this rank's random streams of OUT/ckpt.pt."""
+    ckpt = load_checkpoint(ctx.ckpt_path, ctx.device)
+    check_same_config(ckpt["config"], args, ctx.ckpt_path)
+    if ckpt["config"].get("model", "energy") != m.config.get("model", "energy"):
+        raise ValueError(f"checkpoint {ctx.ckpt_path} is a plain-denoiser control: resume it with "
+                         "python -m experiments.denoiser --resume and the same flags, or pass a new --out")
+    if len(ckpt["rng"]) != ctx.world:
+        raise ValueError(f"checkpoint {ctx.ckpt_path} was written by {len(ckpt['rng'])} processes; resume with as many")
+    m.net.load_state_dict(ckpt["model"])
+    m.ema.load_state_dict(ckpt["ema"])
+    m.opt.load_state_dict(ckpt["opt"])
+    m.step = ckpt["step"]
+    m.config.update(data_mean=ckpt["config"]["data_mean"], data_var=ckpt["config"]["data_var"])
+    for energy in (m.energy, m.ema_energy):
+        energy.mean, energy.data_var = m.config["data_mean"], m.config["data_var"]
+    rng = ckpt["rng"][ctx.rank]
+    m.g_data.set_state(rng["data"].cpu())  # generator states are CPU byte tensors
+    m.g_noise.set_state(rng["noise"].cpu())
+    torch.set_rng_state(rng["torch"].cpu())
+    if ctx.device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+    if ctx.master:
+        truncate_log(ctx.log_path, m.step)
+        print(f"resumed from {ctx.ckpt_path} at step {m.step}")
 
 
 class CheckpointError(RuntimeError):
@@ -378,9 +490,71 @@ def load_energy(path, device="cpu", use_ema=True):
     return energy.eval(), ckpt["config"]
 
 
+# -----------------------------------------------------------------------------
+# Logging: a line per --log-every steps, validation per --eval-every, both in OUT/log.csv.
+
+def open_log(args, ctx, m):
+    """Rank 0's log (None on the other ranks): the run's header line, OUT/log.csv, and the clock."""
+    if not ctx.master:
+        return None
+    print(f"{args.dataset} {args.img_size}x{args.img_size}x{args.channels}, {args.config} "
+          f"({nets.count_parameters(m.net) / 1e6:.2f} M params), batch {args.batch} on {ctx.world} x {ctx.device}, "
+          f"lam {args.lam}, spectral basis {args.spectral_basis}")
+    f = open(ctx.log_path, "a" if args.resume else "w", newline="")
+    writer = csv.writer(f)
+    if not args.resume:
+        writer.writerow(LOG_COLUMNS)
+    now = time.time()
+    return SimpleNamespace(file=f, writer=writer, t_start=now, t_last=now, step_last=m.step)
+
+
+def log_training(log, args, step, lr, losses):
+    L_dsm, L_csm, grad_norm = losses
+    now = time.time()
+    img_s = (step - log.step_last) * args.batch / max(now - log.t_last, 1e-9)
+    eta = (args.steps - step) * args.batch / max(img_s, 1e-9)
+    print(f"step {step:7d} | dsm {L_dsm:.4f} | csm {L_csm:.4f} | lr {lr:.2e} | |g| {grad_norm:6.2f} | "
+          f"{img_s:7.1f} img/s | eta {eta / 60:6.1f} min", flush=True)
+    log.writer.writerow([step, "train", L_dsm, L_csm, lr, grad_norm, img_s, now - log.t_start])
+    log.file.flush()
+    log.t_last, log.step_last = now, step
+
+
+def log_validation(log, args, m, val_x, wiener, lr):
+    v = validate(m.ema_energy, val_x, args, m.step, args.out, wiener)
+    above = " ".join(f"{k} {v[f'psnr_{k}'] - v[f'wiener_{k}']:+.2f}" for k in ("denoise", "inpaint", "deblur", "sr")
+                     if f"psnr_{k}" in v)
+    print(f"step {m.step:7d} | validation (EMA) dsm {v['loss_dsm']:.4f} | csm {v['loss_csm']:.4f}"
+          + (f" | dB above Wiener: {above} | blind inpainting {v['blind_inpaint']:.2f}" if above else ""), flush=True)
+    log.writer.writerow([m.step, "val", v["loss_dsm"], v["loss_csm"], lr, "", "", time.time() - log.t_start]
+                        + [v.get(k, "") for k in LOG_COLUMNS[8:]])
+    log.file.flush()
+    data.save_learning_curves(log.file.name, os.path.join(args.out, "curves.png"))
+
+
+def finish(ctx, log, message):
+    """Close the log, say how the run ended, and leave the process group together."""
+    if log is not None:
+        log.file.close()
+        print(message, flush=True)
+    if ctx.distributed:
+        dist.barrier()  # every rank waits until rank 0 has written its checkpoint before any of them disconnects
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def update_ema(ema, net, decay, step):
+    """ema <- d ema + (1 - d) theta, with d ramped up as (1 + step) / (10 + step) early on."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p.to(e.dtype), 1 - d)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
 @torch.no_grad()
 def restoration_tasks(x, spectral_basis):
-    """The four restorations validation tracks (issue-free defaults of sample.py), as (name, Degradation)
+    """The four restorations validation tracks (sample.py's defaults), as (name, Degradation)
     on images x: denoising sigma 0.1, a centred half-size box with sigma 0.05, blur b = 1.5 and SR x2
     with sigma 0.05 in the dataset's spectral basis."""
     kw = dict(dtype=x.dtype, device=x.device)
@@ -408,15 +582,13 @@ def blind_inpainting_accuracy(energy, x, seed=0):
     """Each image on its own: the fraction of (image, true box x noise) pairs whose normalized-energy
     argmin over the 3 x 3 candidate grid is the truth (boxes 1/4, 1/2, 3/4 of the size; noise 0.02,
     0.05, 0.1; missing variance s_huge)."""
-    import sample
-
     H = x.shape[-1]
     sizes, noises = [H // 4, H // 2, 3 * H // 4], [0.02, 0.05, 0.1]
     hits, total = 0, 0
     for k, (b, sigma) in enumerate([(b, s) for b in sizes for s in noises]):
         cov = cv.mask_covariance(cv.box_mask(x.shape, b, device=x.device), cv.S_HUGE, sigma ** 2, x.shape[1], x.dtype)
         y = x + cov.sample(torch.Generator(x.device).manual_seed(seed + k))[0]
-        _, est_b, est_s = sample.blind_inpaint(energy, y, x.shape[1], sizes, noises)
+        _, est_b, est_s = aebm.blind_inpaint(energy, y, x.shape[1], sizes, noises)
         hits += int(((est_b == b) & (est_s.float() == torch.tensor(sigma).float())).sum())
         total += x.shape[0]
     return hits / total
@@ -427,7 +599,7 @@ def validate(energy, val_x, args, step, out_dir, wiener=None):
     """Held-out losses with fixed noise (comparable across steps), a grid of posterior means for box
     inpainting (truth | observation | posterior mean), and, given the fitted Gaussian prior `wiener`,
     what matters: restoration PSNR next to the Wiener filter's and blind inpainting accuracy.
-    Draws from no training generator (README, Training)."""
+    Draws from no training generator (docs/training.md)."""
     g = torch.Generator(val_x.device).manual_seed(1234)
     groups = cv.sample_training_covariances(val_x.shape, args.spectral_basis, args.p_iso, **training_ranges(args),
                                             generator=torch.Generator().manual_seed(1234),
@@ -449,21 +621,8 @@ def validate(energy, val_x, args, step, out_dir, wiener=None):
     return scores
 
 
-def draw_curves(log_path, out_path):
-    """Learning curves from log.csv: dB above the Wiener filter against training time, one line per task."""
-    with open(log_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "val" and r.get("psnr_denoise")]
-    if len(rows) < 1:
-        return None
-    t = [float(r["elapsed_s"]) / 60 for r in rows]
-    curves = [(name, t, [float(r[f"psnr_{name}"]) - float(r[f"wiener_{name}"]) for r in rows])
-              for name in ("denoise", "inpaint", "deblur", "sr")]
-    return data.save_line_plot(out_path, curves, title="held-out posterior means (EMA) vs fitted Wiener",
-                               xlabel="training time (min)", ylabel="dB above Wiener")
-
-
 # -----------------------------------------------------------------------------
-# What a cluster does to a run: signals, full disks, resumes.
+# What a cluster does to a run: signals, resumes, several processes.
 
 class StopSignals:
     """SIGTERM (a scheduler's warning before preemption) and SIGINT (Ctrl-C) ask the loop to stop
@@ -493,20 +652,6 @@ def agreed_signal(signum, world):
     return int(t.item())
 
 
-def prepare_out(out):
-    """The run directory, created if needed; a clear error if it is a file or not writable."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        sys.exit(f"error: --out {out} is a file, not a directory; pass a directory for ckpt.pt and log.csv")
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test_{os.getpid()}")  # one per rank: they probe at once
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        sys.exit(f"error: cannot write to --out {out} ({e.strerror or e}); pass a writable directory")
-
-
 def truncate_log(path, step):
     """On --resume: drop the rows logged after the checkpoint's step (written, then lost with the
     process), atomically, so that log.csv holds each step once."""
@@ -520,186 +665,32 @@ def truncate_log(path, step):
     os.replace(path + ".tmp", path)
 
 
-# -----------------------------------------------------------------------------
-# The run.
+def average_gradients(params, world):
+    """Average .grad over ranks with one all_reduce of a flat buffer (a missing grad counts as 0)."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
 
-def main(argv=None):
-    args = parse_args(argv)
-    stop = StopSignals()
-    try:
-        return run(args, stop)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    finally:
-        stop.restore()
+
+def all_mean(values, world):
+    """Mean over ranks of a few scalars (for logging and the non-finite check)."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+    if dist.is_initialized():
+        t = t.to(dist_device())
+        dist.all_reduce(t)
+        t = t.cpu() / world
+    return t.tolist()
 
 
-def run(args, stop):
-    # Distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process.
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    distributed = "RANK" in os.environ  # launched by torchrun (even with one process: NCCL is exercised)
-    if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    if args.batch % world:
-        raise ValueError(f"batch {args.batch} must be divisible by the number of processes {world}")
-    local_batch = args.batch // world
-    if args.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = getattr(torch, args.dtype)
-    prepare_out(args.out)
-    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.csv")
-
-    # Data: per-rank generators. g_data (CPU) draws images, flips and covariances; g_noise the noise;
-    # torch's global generator (seeded per rank below) drives dropout. All three are checkpointed;
-    # validation draws from none of them (its own fixed generators, the EMA net in eval mode).
-    ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "train", args.leaf_radii)
-    val_ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "test", args.leaf_radii)
-    args.channels = ds.channels
-    g_data = torch.Generator().manual_seed(args.seed + rank)
-    g_noise = torch.Generator(device).manual_seed(10_000 + args.seed + rank)
-    val_x = val_ds.get_batch(args.val_batch, torch.Generator().manual_seed(999_999)).to(device, dtype)
-    # the classical baseline validation compares with: a Gaussian prior fitted to training images
-    wiener = None
-    if args.val_restore:
-        fit_x = ds.get_batch(512, torch.Generator().manual_seed(777_777)).to(device, torch.float64)
-        wiener = aebm.fit_gaussian(fit_x, args.spectral_basis).to(dtype)
-
-    # Model, EMA (a frozen copy, at least float32), optimizer. Every rank initialises from the same
-    # seed and then takes rank 0's tensors: without the DDP wrapper nobody else would synchronise
-    # the replicas, and identical averaged gradients on different weights would never agree.
-    config = {k: getattr(args, k) for k in ARCHITECTURE_KEYS}
-    config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam,
-                  dropout=args.dropout, leaf_radii=args.leaf_radii)
-    torch.manual_seed(args.seed)
-    energy = build_energy(config, device)
-    net = energy.net
-    if world > 1:
-        for tensor in list(net.parameters()) + list(net.buffers()):
-            dist.broadcast(tensor.data, src=0)
-    torch.manual_seed(20_000 + args.seed + rank)  # per-rank dropout
-    ema = copy.deepcopy(net).requires_grad_(False).eval()  # never trained, so no dropout in validation
-    ema_energy = type(energy)(ema, ds.mean, ds.var)  # the same wrapper (experiments/denoiser.py swaps it)
-    # foreach: every parameter's update in a few multi-tensor operations, not ~10 per tensor (torch's default
-    # on CUDA, not on CPU; the same arithmetic)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr, foreach=True)
-    step = 0
-
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, device)
-        check_same_config(ckpt["config"], args, ckpt_path)
-        if ckpt["config"].get("model", "energy") != config.get("model", "energy"):
-            raise ValueError(f"checkpoint {ckpt_path} is a plain-denoiser control: resume it with "
-                             "python -m experiments.denoiser --resume and the same flags, or pass a new --out")
-        if len(ckpt["rng"]) != world:
-            raise ValueError(f"checkpoint {ckpt_path} was written by {len(ckpt['rng'])} processes; resume with as many")
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        config.update(data_mean=ckpt["config"]["data_mean"], data_var=ckpt["config"]["data_var"])
-        energy.mean, energy.data_var = config["data_mean"], config["data_var"]
-        ema_energy.mean, ema_energy.data_var = config["data_mean"], config["data_var"]
-        rng = ckpt["rng"][rank]
-        g_data.set_state(rng["data"].cpu())  # generator states are CPU byte tensors
-        g_noise.set_state(rng["noise"].cpu())
-        torch.set_rng_state(rng["torch"].cpu())
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"].cpu())
-        if master:
-            truncate_log(log_path, step)
-            print(f"resumed from {ckpt_path} at step {step}")
-    elif master and os.path.exists(ckpt_path):
-        print(f"note: {ckpt_path} exists and will be overwritten (use --resume to continue it)")
-
-    def checkpoint():
-        rng = {"data": g_data.get_state(), "noise": g_noise.get_state(), "torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        all_rng = [None] * world
-        if world > 1:
-            dist.all_gather_object(all_rng, rng)
-        else:
-            all_rng = [rng]
-        if master:
-            save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                        "step": step, "config": config, "rng": all_rng})
-
-    if master:
-        print(f"{args.dataset} {args.img_size}x{args.img_size}x{args.channels}, {args.config} "
-              f"({nets.count_parameters(net) / 1e6:.2f} M params), batch {args.batch} on {world} x {device}, "
-              f"lam {args.lam}, spectral basis {args.spectral_basis}")
-        log_file = open(log_path, "a" if args.resume else "w", newline="")
-        log = csv.writer(log_file)
-        if not args.resume:
-            log.writerow(LOG_COLUMNS)
-
-    # The loop.
-    t_start, t_last, step_last = time.time(), time.time(), step
-    while step < args.steps:
-        lr = learning_rate(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = draw_batch(ds, local_batch, g_data, device, dtype)
-        groups = cv.sample_training_covariances(x.shape, args.spectral_basis, args.p_iso, generator=g_data,
-                                                **training_ranges(args), dtype=dtype, device=device)
-        try:
-            L_dsm, L_csm, grad_norm = train_step(energy, opt, x, groups, args, world, g_noise)
-        except FloatingPointError as e:
-            last = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
-            sys.exit(f"error: step {step}: {e}; stopping, {last}. Try a lower --lr or check the data.")
-        update_ema(ema, net, args.ema, step)
-        step += 1
-
-        if master and (step % args.log_every == 0 or step == args.steps):
-            now = time.time()
-            img_s = (step - step_last) * args.batch / max(now - t_last, 1e-9)
-            eta = (args.steps - step) * args.batch / max(img_s, 1e-9)
-            print(f"step {step:7d} | dsm {L_dsm:.4f} | csm {L_csm:.4f} | lr {lr:.2e} | |g| {grad_norm:6.2f} | "
-                  f"{img_s:7.1f} img/s | eta {eta / 60:6.1f} min", flush=True)
-            log.writerow([step, "train", L_dsm, L_csm, lr, grad_norm, img_s, now - t_start])
-            log_file.flush()
-            t_last, step_last = now, step
-        if step % args.eval_every == 0 or step == args.steps:
-            if master:
-                v = validate(ema_energy, val_x, args, step, args.out, wiener)
-                above = " ".join(f"{k} {v[f'psnr_{k}'] - v[f'wiener_{k}']:+.2f}" for k in ("denoise", "inpaint", "deblur", "sr")
-                                 if f"psnr_{k}" in v)
-                print(f"step {step:7d} | validation (EMA) dsm {v['loss_dsm']:.4f} | csm {v['loss_csm']:.4f}"
-                      + (f" | dB above Wiener: {above} | blind inpainting {v['blind_inpaint']:.2f}" if above else ""), flush=True)
-                log.writerow([step, "val", v["loss_dsm"], v["loss_csm"], lr, "", "", time.time() - t_start]
-                             + [v.get(k, "") for k in LOG_COLUMNS[8:]])
-                log_file.flush()
-                draw_curves(log_path, os.path.join(args.out, "curves.png"))
-        signum = agreed_signal(stop.signum, world)
-        if step % args.ckpt_every == 0 or step == args.steps or signum:
-            checkpoint()
-        if signum:
-            if master:
-                log_file.close()
-                print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {ckpt_path} written; "
-                      f"continue with --resume", flush=True)
-            if distributed:
-                dist.barrier()  # as at the normal end below
-                dist.destroy_process_group()
-            sys.exit(128 + signum)
-
-    if master:
-        log_file.close()
-        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
-              f"grid {os.path.join(args.out, f'val_{step:07d}.png')}")
-    if distributed:
-        # Every rank waits here for the others (rank 0 is still writing the checkpoint) before any of them tears
-        # its connections down. Without it rank 1 left while rank 0 was writing, and once in ~25 two-rank CPU runs
-        # (the gloo test) rank 1 died by SIGABRT, where was not recorded: the one race in sight, closed here.
-        dist.barrier()
-        dist.destroy_process_group()
+def dist_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def blind_accuracy(energy, ds, size, n=8, seed=0):
         x = ds.get_batch(n, torch.Generator().manual_seed(seed + k))
         cov = cv.mask_covariance(cv.box_mask(x.shape, b), 1.0, sigma ** 2, 1)
         y = x + cov.sample(torch.Generator().manual_seed(100 + seed + k))[0]
-        grid, _, _ = sample.blind_inpaint(energy, y, 1, sizes, noises, missing_var=1.0)
+        grid, _, _ = aebm.blind_inpaint(energy, y, 1, sizes, noises, missing_var=1.0)
         i, j = divmod(int(grid.sum(0).argmin()), len(noises))
         hits += (sizes[i], noises[j]) == (b, sigma)
     return hits / (len(sizes) * len(noises))
@@ -83,7 +83,7 @@ def evaluate(models, size, n=64, seed=0):
     box = cv.mask_covariance(cv.box_mask(x.shape, size // 2), cv.S_HUGE, 0.05 ** 2, 1)
     y_box = x + box.sample(g)[0]
     blur = cv.blur_problem(x.shape, 1.0, 0.05, "fft")
-    y_blur, cov_blur = blur.to_denoising(blur.measure(x, g), ds.mean, g)
+    y_blur, cov_blur = blur.to_denoising(blur.measure(x, g), ds.mean)
     rows = {}
     for name, energy in list(models.items()) + [("exact", exact)]:
         rows[name] = dict(
@@ -106,7 +106,7 @@ def plot_candidates(models, size, path, box=None, sigma=0.1, n=8, seed=0):
     y = x + cov.sample(torch.Generator().manual_seed(seed + 1))[0]
     curves = []
     for name, energy in list(models.items()) + [("exact", as_float64(ds.prior))]:
-        grid, _, _ = sample.blind_inpaint(energy, y, 1, [box], noises, missing_var=1.0)
+        grid, _, _ = aebm.blind_inpaint(energy, y, 1, [box], noises, missing_var=1.0)
         e = grid.sum(0)[0]
         curves.append((name, [math.log10(s) for s in noises], (e - e.min()).tolist()))
     return data.save_line_plot(path, curves, title=f"blind inpainting, {size}x{size}: true noise {sigma}, box {box}",

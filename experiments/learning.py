@@ -38,7 +38,7 @@ def blind_deblurring_accuracy(energy, x, basis, seed=0):
     for k, (b, sigma) in enumerate([(b, s) for b in stds for s in noises]):
         prob = cv.blur_problem(x.shape, b, sigma, basis, dtype=x.dtype, device=x.device)
         y_obs = prob.measure(x, torch.Generator().manual_seed(seed + k))
-        _, est_b, est_s = sample.blind_deblur(energy, y_obs, stds, noises, basis, energy.mean)
+        _, est_b, est_s = aebm.blind_deblur(energy, y_obs, stds, noises, basis, energy.mean)
         hits += int(((est_b == b) & ((est_s - sigma).abs() < 1e-9)).sum())
         total += x.shape[0]
     return hits / total
@@ -163,6 +163,6 @@ if __name__ == "__main__":
         raise SystemExit(0)
     print_table(evaluate(a.ckpt, a.n, wiener_blind=bool(a.wiener_blind), split=bool(a.split),
                          by_noise=bool(a.by_noise)), a.ckpt)
-    curves = train.draw_curves(os.path.join(os.path.dirname(a.ckpt), "log.csv"),
+    curves = data.save_learning_curves(os.path.join(os.path.dirname(a.ckpt), "log.csv"),
                                os.path.join(os.path.dirname(a.ckpt), "curves.png"))
     print("curves:", curves)

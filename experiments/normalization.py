@@ -100,7 +100,7 @@ def blind_curve(energy, ds, size, sigma=0.1, n=8, seed=0):
     x = ds.get_batch(n, torch.Generator().manual_seed(seed))
     cov = cv.mask_covariance(cv.box_mask(x.shape, box), 1.0, sigma ** 2, 1)
     y = x + cov.sample(torch.Generator().manual_seed(seed + 1))[0]
-    grid, _, _ = sample.blind_inpaint(energy, y, 1, [box], FINE_NOISES, missing_var=1.0)
+    grid, _, _ = aebm.blind_inpaint(energy, y, 1, [box], FINE_NOISES, missing_var=1.0)
     e = grid.sum(0)[0]
     return (e - e.min()).tolist(), FINE_NOISES[int(e.argmin())]
 

@@ -8,7 +8,7 @@ Every solver on the same energy, scored against the exact posterior (the paper's
 
 Solvers: the Wiener filter of a Gaussian prior fitted to training images (the classical answer),
 the energy model's posterior mean (M4), its ULA, MALA and adaptive (M13) samplers, and DPS,
-RED-Diff and DAPS on the energy's isotropic slice (sample.py). For every task (box inpainting,
+RED-Diff and DAPS on the energy's isotropic slice (written below, each one plain loop). For every task (box inpainting,
 deblurring, SR x2, denoising): K samples for each of a few observations, and
 
   - mean error / Bayes: the MSE of the mean of the K samples over the MSE of the exact posterior mean;
@@ -36,6 +36,158 @@ import aebm
 import covariances as cv
 import data
 import sample
+
+# -----------------------------------------------------------------------------
+# The peer solvers (paper §4.1, Table 1): what a score-based diffusion model offers, on the same energy.
+#
+# Each uses only the isotropic slice of the energy, as a plain diffusion model would: the score
+# dE/dy at sigma^2 I and the denoiser D(y, sigma) = y - sigma^2 dE/dy(y, sigma^2 I), on a geometric
+# noise schedule SIGMA_MAX -> SIGMA_MIN, plus the measurement y_obs = A x + sigma_n xi of a
+# covariances.Degradation (masks too, as A = diag(mask)). Each returns (x, evaluations).
+#
+# Step sizes: tuned once per task by a small grid (PEER_GRID) on training images of the Gaussian
+# field with its exact prior, at 200 network evaluations like the energy samplers' default
+# comparison (python -m experiments.solvers --tune); the chosen values are PEER_STEPS. How they
+# compare: docs/results.md, Solvers.
+
+SIGMA_MAX, SIGMA_MIN = 10.0, 0.01
+PEER_GRID = {"dps": [0.01, 0.03, 0.1, 0.3, 1.0], "reddiff": [0.1, 0.3, 1.0, 3.0, 10.0], "daps": [0.01, 0.03, 0.1, 0.3, 1.0]}
+# chosen by the grid above: the lowest mean-squared error on 16 training draws of the 16x16 Gaussian
+# field per task, with its exact prior and 200 evaluations, of RED-Diff's estimate and of the mean of 4
+# samples for DPS and DAPS (`python -m experiments.solvers --tune`; a single sample's error would
+# favour samplers that do not mix). DPS's step matters most: too large and the data step overshoots,
+# too small and it ignores the data.
+PEER_STEPS = {
+    "dps": {"denoise": 0.03, "inpaint": 0.3, "deblur": 0.1, "sr": 0.3},
+    "reddiff": {"denoise": 3.0, "inpaint": 3.0, "deblur": 1.0, "sr": 0.1},
+    "daps": {"denoise": 0.1, "inpaint": 0.01, "deblur": 0.1, "sr": 0.01},
+}
+
+
+def noise_levels(n):
+    """n + 1 standard deviations, geometric from SIGMA_MAX to SIGMA_MIN."""
+    return [SIGMA_MAX * (SIGMA_MIN / SIGMA_MAX) ** (i / n) for i in range(n + 1)]
+
+
+def isotropic_score(energy, x, sigma, create_graph=False):
+    """dE/dy (pixels) at sigma^2 I; with create_graph it stays differentiable in x (DPS). sigma^2 I is
+    diagonal in every basis: an exact GaussianEnergy gets it in its own (its fast path)."""
+    basis = getattr(energy, "basis", None) or "pixel"
+    cov = cv.isotropic(sigma ** 2, x.shape, basis, dtype=x.dtype, device=x.device)
+    if not create_graph:
+        return cv.from_basis(aebm.energy_and_scores(energy, cov.U(x), cov, need_log_s=False)[1], basis)
+    E = aebm.energy_of_z(energy, cov.U(x), cov)
+    return torch.autograd.grad(E.sum(), x, create_graph=True)[0]
+
+
+def check_step(name, step):
+    if not (isinstance(step, (int, float)) and step > 0 and math.isfinite(step)):
+        raise ValueError(f"{name} step size must be positive, got {step}")
+
+
+def dps(energy, y_obs, prob, evaluations=200, step=None, task="deblur", generator=None):
+    """Diffusion posterior sampling (Chung et al., 2023). Ancestral reverse steps of the VE diffusion,
+    each followed by a step down the gradient of the residual norm |y_obs - A D(x_t)| through the
+    denoiser, of size zeta' / |y_obs - A D(x_t)| (the paper's weighting; it differentiates the
+    network twice). One evaluation per level."""
+    step = PEER_STEPS["dps"][task] if step is None else step
+    check_step("DPS", step)
+    sig = noise_levels(evaluations)
+    mean = aebm.energy_mean(energy)
+    x = mean + sig[0] * cv.white_noise(y_obs.shape, "pixel", generator, y_obs.dtype, y_obs.device)
+    for i in range(evaluations):
+        s, s_next = sig[i], sig[i + 1]
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            score = isotropic_score(energy, x, s, create_graph=True)
+            x0 = x - s ** 2 * score  # Tweedie: the denoiser
+            residual = (y_obs - prob.A(x0)).flatten(1).norm(dim=1)  # (B,)
+            grad = torch.autograd.grad(residual.sum(), x)[0]
+        ds2 = s ** 2 - s_next ** 2
+        noise = cv.white_noise(x.shape, "pixel", generator, x.dtype, x.device)
+        x = (x - ds2 * score + math.sqrt(ds2) * noise).detach()  # ancestral step of the reverse VE SDE
+        # zeta' grad|r|^2 / |r| = 2 zeta' grad|r|: the DPS step, normalised per image by the residual
+        x = x - 2 * step * grad
+    return x0.detach(), evaluations
+
+
+def reddiff(energy, y_obs, prob, evaluations=200, step=None, task="deblur", lr=0.01, generator=None):
+    """RED-Diff (Mardani et al., 2024): variational posterior mean mu fitted by Adam, descending the noise
+    levels once. Loss: 1/2 |y_obs - A mu|^2 + lam w(sigma) <sg[eps_hat(x_t) - eps], mu> with x_t = mu +
+    sigma eps and the noise prediction eps_hat = sigma dE/dy(x_t, sigma^2 I); w(sigma) = sigma is the
+    paper's sqrt(1/SNR) weighting (variance exploding: SNR = 1/sigma^2). `step` is lam. The data term
+    is unnormalised, as in the authors' code: divided by sigma_n^2 it overwhelms the prior at small
+    sigma and the estimate fits the noise (docs/results.md, Solvers)."""
+    step = PEER_STEPS["reddiff"][task] if step is None else step
+    check_step("RED-Diff", step)
+    mu = y_obs.clone()
+    if prob.basis == "pixel":  # a mask: the unobserved pixels start at the data mean
+        mu = torch.where(prob.a > 0, y_obs, torch.full_like(y_obs, float(torch.as_tensor(aebm.energy_mean(energy)).mean())))
+    mu.requires_grad_(True)
+    opt = torch.optim.Adam([mu], lr=lr, betas=(0.9, 0.99))
+    for s in noise_levels(evaluations)[:-1]:
+        eps = cv.white_noise(mu.shape, "pixel", generator, mu.dtype, mu.device)
+        eps_hat = s * isotropic_score(energy, (mu + s * eps).detach(), s)
+        with torch.enable_grad():
+            fit = 0.5 * (y_obs - prob.A(mu)).square().flatten(1).sum(1)
+            reg = step * s * ((eps_hat - eps).detach() * mu).flatten(1).sum(1)
+            opt.zero_grad()
+            (fit + reg).sum().backward()
+        opt.step()
+    return mu.detach(), evaluations
+
+
+def daps(energy, y_obs, prob, evaluations=200, step=None, task="deblur", ode_steps=1, langevin_steps=50,
+         generator=None):
+    """DAPS (Zhang et al., 2025): decoupled annealing. At each level sigma_t: a short probability-flow ODE
+    from x_t to x0^ (ode_steps Euler steps, one evaluation each), then Langevin steps on
+    N(x0; x0^, r_t^2 I) p(y_obs | x0) with r_t = sigma_t (measurement only: no evaluation), then
+    re-noising to the next level, x_{t-1} = x0 + sigma_{t-1} xi. `step` scales the Langevin step by the
+    target's largest precision, eta = step / (1/r_t^2 + max a^2 / sigma_n^2). ode_steps = 1 (the ODE's
+    single step is Tweedie's x0^) because at a budget of 200 evaluations more annealing levels beat a
+    longer ODE (docs/results.md, Solvers; the paper's 5 steps come with 1000 evaluations)."""
+    step = PEER_STEPS["daps"][task] if step is None else step
+    check_step("DAPS", step)
+    levels = max(1, evaluations // ode_steps)
+    sig = noise_levels(levels)
+    mean = aebm.energy_mean(energy)
+    x = mean + sig[0] * cv.white_noise(y_obs.shape, "pixel", generator, y_obs.dtype, y_obs.device)
+    a_max = prob.a.abs().max().item()
+    for i in range(levels):
+        s = sig[i]
+        ode = [s * (SIGMA_MIN / s) ** (k / ode_steps) for k in range(ode_steps + 1)]
+        x0 = x
+        for k in range(ode_steps):  # probability-flow ODE dx/dsigma = sigma dE/dy, Euler
+            score = isotropic_score(energy, x0, ode[k])
+            x0 = x0 + (ode[k + 1] - ode[k]) * ode[k] * score if k + 1 < ode_steps else x0 - ode[k] ** 2 * score
+        x_hat = x0
+        eta = step / (1 / s ** 2 + a_max ** 2 / prob.sigma_n ** 2)
+        for _ in range(langevin_steps):
+            grad = -(x0 - x_hat) / s ** 2 - prob.A(prob.A(x0) - y_obs) / prob.sigma_n ** 2  # A is symmetric
+            x0 = x0 + eta * grad + math.sqrt(2 * eta) * cv.white_noise(x0.shape, "pixel", generator, x0.dtype, x0.device)
+        x = x0 + sig[i + 1] * cv.white_noise(x0.shape, "pixel", generator, x0.dtype, x0.device)
+    return x0, levels * ode_steps
+
+
+PEERS = {"dps": dps, "reddiff": reddiff, "daps": daps}
+
+
+def peer_problem(args, task, y_obs, cov_y, dtype):
+    """The measurement operator the peer solvers need: the task's Degradation, a mask as A = diag(mask),
+    or (for an observed photo) the Degradation M2 was built from, recovered from Sigma_y."""
+    if isinstance(task, cv.Degradation):
+        return cv.Degradation(task.a.to(dtype), task.basis, task.sigma_n, task.s_huge)  # in the run's dtype
+    if task is not None:  # a missing map
+        return cv.inpainting_problem(task, y_obs.shape[1], args.noise, dtype)
+    sigma_n = cov_y.s.min().sqrt().item()  # --observed: s = sigma_n^2 / a^2 with max |a| = 1
+    informative = cov_y.s < cv.S_HUGE * 0.999
+    a = torch.where(informative, (sigma_n ** 2 / cov_y.s).sqrt(), torch.zeros_like(cov_y.s))
+    return cv.Degradation(a, cov_y.basis, sigma_n)
+
+
+
+# -----------------------------------------------------------------------------
+# The comparison.
 
 TASKS = {  # name: sample.py flags
     "box inpainting": ["--task", "inpaint", "--mask", "box", "--noise", "0.05"],
@@ -71,7 +223,7 @@ def solve(solver, energy, fitted, args, y, cov, y_obs, prob, K, nfe, seed):
         out, evals = res.x_mean, res.evaluations
     else:
         probK = cv.Degradation(rep(prob.a), prob.basis, prob.sigma_n, prob.s_huge)
-        out, evals = sample.PEERS[solver](energy, y_obsK, probK, evaluations=nfe, task=args.task, generator=g)
+        out, evals = PEERS[solver](energy, y_obsK, probK, evaluations=nfe, task=args.task, generator=g)
     return out, evals, (time.time() - t0) / out.shape[0]
 
 
@@ -91,7 +243,7 @@ def run(energy, fitted, ds, exact, basis, n_obs=4, K=16, nfe=200, seed=0, out="r
         args = task_args(name, basis, nfe)
         y, cov, y_obs, task = sample.observe(args, x, aebm.energy_mean(energy), torch.Generator().manual_seed(seed + t_i))
         y, y_obs, cov = y.float(), y_obs.float(), cv.Covariance(cov.s.float(), cov.basis)
-        prob = sample.peer_problem(args, task, y_obs, cov, torch.float32)
+        prob = peer_problem(args, task, y_obs, cov, torch.float32)
         ref = exact_posterior(exact, y, cov) if exact is not None else None
         rows, grid = {}, [x.float(), y_obs, (ref[0].view_as(x).float() if ref else aebm.posterior_mean(fitted, y, cov))]
         for s_i, solver in enumerate(SOLVERS):
@@ -128,10 +280,10 @@ def fig4_plot(energy, x, y, cov, y_obs, args, prob, nfe, K, seed, path, kind="le
     for s_i, solver in enumerate(["ula", "mala", "dps", "reddiff", "daps"]):
         samples, _, _ = solve(solver, energy, None, args, y, cov, y_obs, prob1, K, nfe, seed + 10 * s_i)
         lp = (aebm.log_prob(energy, samples.float()) / d).tolist()
-        lq = (sample.log_posterior(energy, samples.float(), y.expand_as(samples), cv.Covariance(cov.s.expand_as(samples), cov.basis)) / d).tolist()
+        lq = (aebm.log_posterior(energy, samples.float(), y.expand_as(samples), cv.Covariance(cov.s.expand_as(samples), cov.basis)) / d).tolist()
         groups.append((solver, lp, lq, "o"))
     lp_t = (aebm.log_prob(energy, x.float()) / d).tolist()
-    lq_t = (sample.log_posterior(energy, x.float(), y, cov) / d).tolist()
+    lq_t = (aebm.log_posterior(energy, x.float(), y, cov) / d).tolist()
     groups.append(("truth", lp_t, lq_t, "x"))
     data.save_scatter_plot(path, groups, title=f"one observation: samples of each solver ({kind} densities)",
                            xlabel="log p(x) / d (nats)", ylabel="log p(x | y) / d (nats)")
@@ -148,13 +300,13 @@ def tune(ds, exact, basis, nfe=200, n=16, K=4, seed=1):
         args = task_args(name, basis, nfe)
         y, cov, y_obs, task = sample.observe(args, x, aebm.energy_mean(exact), torch.Generator().manual_seed(seed + t_i))
         y_obs = y_obs.float()
-        prob = sample.peer_problem(args, task, y_obs, cov, torch.float32)
-        for peer, grid in sample.PEER_GRID.items():
+        prob = peer_problem(args, task, y_obs, cov, torch.float32)
+        for peer, grid in PEER_GRID.items():
             k = 1 if peer == "reddiff" else K
             probK = cv.Degradation(prob.a.repeat_interleave(k, 0), prob.basis, prob.sigma_n, prob.s_huge)
             mse = {}
             for step in grid:
-                out, _ = sample.PEERS[peer](exact, y_obs.repeat_interleave(k, 0), probK, evaluations=nfe, step=step,
+                out, _ = PEERS[peer](exact, y_obs.repeat_interleave(k, 0), probK, evaluations=nfe, step=step,
                                             task=args.task, generator=torch.Generator().manual_seed(seed))
                 mse[step] = (out.double().view(n, k, *x.shape[1:]).mean(1) - x).square().mean().item()
             best = min(mse, key=mse.get)

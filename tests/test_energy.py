@@ -137,12 +137,12 @@ def test_tweedie_equals_wiener_on_the_diagonal_fast_path(basis):
             torch.testing.assert_close(x_hat[b].flatten(), wiener, atol=1e-8, rtol=0)
 
 
-def per_sample_losses(energy, prior, cov_fn, n=4000, seed=0, csm="coords"):
+def per_sample_losses(energy, prior, cov_fn, n=4000, seed=0):
     """Per-sample L_DSM, L_CSM with x ~ prior; the same seed gives the same x and noise (common
     random numbers), so differences between energies are paired."""
     g = torch.Generator().manual_seed(seed)
     x = prior.sample(n, g)
-    return aebm.dual_score_losses(energy, x, cov_fn(n), generator=g, csm=csm)
+    return aebm.dual_score_losses(energy, x, cov_fn(n), generator=g)
 
 
 def significantly_larger(a, b):
@@ -186,33 +186,6 @@ def test_dsm_cannot_see_a_sigma_dependent_constant_but_csm_can():
     assert abs((got[1] - ref[1]).mean().item() - 0.09) < 0.01
 
 
-@pytest.mark.parametrize("basis", ["fft", "pixel"])
-def test_the_summed_csm_is_still_minimised_by_the_exact_energy_and_sees_a_sigma_dependent_constant(basis):
-    """--csm sum regresses sum_k dE/dlog s_k on the summed target. The exact energy must still be its
-    minimiser (wrong spectra and a wrong mean lose, paired), and a constant c(Sigma) = 0.3 sum_k log s_k,
-    invisible to A-DSM, must cost exactly E[(0.3 d)^2] / d = 0.09 d more (d = 16; per coordinate it costs
-    0.09); and per image the loss is the square of the summed per-coordinate residuals, over d."""
-    true = stationary_prior()
-    cov_fn = small_covariance(basis)
-    ref = per_sample_losses(true, true, cov_fn, csm="sum")
-    for wrong in (stationary_prior(scale=1.5), stationary_prior(scale=0.6), stationary_prior(shift=0.3)):
-        assert significantly_larger(per_sample_losses(wrong, true, cov_fn, csm="sum")[1], ref[1])
-    shifted = lambda y, cov: true(y, cov) + 0.3 * cov.log_s.flatten(1).sum(1)
-    got = per_sample_losses(shifted, true, cov_fn, csm="sum")
-    torch.testing.assert_close(got[0], ref[0], atol=1e-12, rtol=1e-12)  # A-DSM unchanged
-    assert abs((got[1] - ref[1]).mean().item() - 0.09 * 16) < 0.1
-    # the summed loss from the per-coordinate residuals, written out: (sum_k r_k)^2 / d
-    g = torch.Generator().manual_seed(0)
-    x = true.sample(8, g)
-    cov = cov_fn(8)
-    zeta = cv.white_noise(cov.s.shape, cov.basis, g)
-    z = cov.U(x) + cov.s.sqrt() * zeta
-    _, _, score_log_s = aebm.energy_and_scores(true, z, cov)
-    residual = score_log_s - 0.5 * (1 - zeta.abs().square())
-    summed = aebm.dual_score_losses(true, x, cov, zeta=zeta, csm="sum")[1]
-    torch.testing.assert_close(summed, residual.flatten(1).sum(1).square() / 16)
-
-
 def test_dual_score_loss_combines_groups_and_the_dsm_only_switch():
     true = stationary_prior()
     x = true.sample(6, torch.Generator().manual_seed(0))
@@ -225,14 +198,6 @@ def test_dual_score_loss_combines_groups_and_the_dsm_only_switch():
     torch.testing.assert_close(dsm, torch.cat([a[0], b[0]]).mean())
     torch.testing.assert_close(csm, torch.cat([a[1], b[1]]).mean())
     torch.testing.assert_close(L, dsm + csm)
-    # --csm sum reaches every group's losses (train.py passes it here)
-    L_sum, dsm_sum, csm_sum = aebm.dual_score_loss(true, x, groups, generator=torch.Generator().manual_seed(1), csm="sum")
-    g = torch.Generator().manual_seed(1)
-    a = aebm.dual_score_losses(true, x[0:2], groups[0][1], g, csm="sum")
-    b = aebm.dual_score_losses(true, x[2:6], groups[1][1], g, csm="sum")
-    torch.testing.assert_close(csm_sum, torch.cat([a[1], b[1]]).mean())
-    torch.testing.assert_close(dsm_sum, dsm)
-    assert (csm_sum - csm).abs() > 0.01
     L0, dsm0, csm0 = aebm.dual_score_loss(true, x, groups, lam=0.0, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(L0, dsm0) and torch.testing.assert_close(dsm0, dsm)
     assert math.isnan(csm0)
@@ -346,57 +311,16 @@ def test_the_exact_energy_still_minimises_the_edm_weighted_dsm_loss():
     assert (weighted > plain).all()  # the missing pixels now count
 
 
-@pytest.mark.parametrize("basis", ["pixel", "dct", "fft"])
-def test_the_antithetic_twin_has_the_law_of_white_noise_and_cancels_the_summed_csm_target(basis):
-    """covariances.antithetic_partner: the twin's squared radius follows chi^2_d (Kolmogorov-Smirnov
-    against torch's gammainc), its direction is the original's, its coordinates are white, and the
-    pair's summed A-CSM target has a small fraction of the variance of two independent draws."""
-    n, shape = 4000, (4000, 1, 8, 8)
-    zeta = cv.white_noise(shape, basis, torch.Generator().manual_seed(3))
-    twin = cv.antithetic_partner(zeta)
-    r2 = lambda z: z.abs().square().flatten(1).sum(1)
-    cdf = torch.special.gammainc(torch.tensor(32.0), r2(twin).sort().values / 2)
-    ks = (cdf - torch.arange(1, n + 1) / n).abs().max()
-    assert ks < 1.95 / math.sqrt(n)  # the 0.1% critical value
-    cos = (zeta.conj() * twin).real.flatten(1).sum(1) / (r2(zeta) * r2(twin)).sqrt()
-    torch.testing.assert_close(cos, torch.ones(n))
-    pixels = cv.from_basis(twin, basis) if basis == "fft" else twin
-    assert abs(pixels.var().item() - 1) < 0.02 and abs(pixels.mean().item()) < 0.01
-    target = lambda z: (0.5 * (1 - z.abs().square())).flatten(1).sum(1)
-    assert ((target(zeta) + target(twin)) / 2).var() < 0.02 * target(zeta).var() / 2  # measured 0.013 at d = 64
-    # the quantile inverts the CDF
-    x = torch.tensor([0.5, 20.0, 64.0, 150.0])
-    torch.testing.assert_close(cv.chi2_quantile(torch.special.gammainc(torch.tensor(32.0), x / 2), 64), x)
-
-
-@pytest.mark.parametrize("antithetic", [False, True])
-def test_the_expected_losses_of_the_exact_energy_have_their_closed_form(antithetic):
+def test_the_expected_losses_of_the_exact_energy_have_their_closed_form():
     """For a prior diagonal in the basis of Sigma, x_k ~ N(mu_k, c_k), with a_k^2 = s_k / (c_k + s_k):
     E[L_DSM] = mean_k (1 - a_k^2) (the posterior variance of zeta_k) and E[L_CSM] = mean_k (1 - a_k^4)/2
-    (Var(zeta_k^2 | y) / 4 for zeta_k | y ~ N(a_k u_k, 1 - a_k^2)). Noising with antithetic twins must
-    leave both expectations where they are: that is what keeps the losses unbiased."""
+    (Var(zeta_k^2 | y) / 4 for zeta_k | y ~ N(a_k u_k, 1 - a_k^2))."""
     c = 0.05 + 0.3 * torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(2))
     prior = aebm.GaussianEnergy(0.5, cv.Covariance(c[None], "pixel"))  # diagonal in the pixel basis
     n = 20000
     cov = cv.mask_covariance(cv.box_mask((n, 1, 4, 4), 2), 2.0, 0.03, 1)
     x = 0.5 + c.sqrt() * torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    L_dsm, L_csm = aebm.dual_score_losses(prior, x, cov, generator=torch.Generator().manual_seed(1),
-                                          antithetic=antithetic)
+    L_dsm, L_csm = aebm.dual_score_losses(prior, x, cov, generator=torch.Generator().manual_seed(1))
     a2 = cov.s[0] / (c + cov.s[0])
     for got, expected in ((L_dsm, (1 - a2).mean()), (L_csm, (0.5 * (1 - a2 ** 2)).mean())):
         assert abs(got.mean() - expected) < 4 * got.std() / math.sqrt(n)
-
-
-def test_antithetic_losses_are_the_mean_over_each_image_and_its_twin():
-    """dual_score_losses(antithetic=True) noises each image with zeta and with its twin and returns the
-    mean of the two plain per-image losses (blur covariance in fft: complex coordinates)."""
-    true = stationary_prior()
-    cov = cv.blur_problem((3, 1, 4, 4), 0.8, 0.3, "fft").covariance()
-    x = true.sample(3, torch.Generator().manual_seed(0))
-    zeta = cv.white_noise(cov.s.shape, "fft", torch.Generator().manual_seed(1))
-    pair = aebm.dual_score_losses(true, x, cov, zeta=zeta, antithetic=True)
-    one = aebm.dual_score_losses(true, x, cov, zeta=zeta)
-    two = aebm.dual_score_losses(true, x, cov, zeta=cv.antithetic_partner(zeta))
-    for got, a, b in zip(pair, one, two):
-        torch.testing.assert_close(got, (a + b) / 2)
-        assert not torch.allclose(a, b)

@@ -177,8 +177,8 @@ def test_blind_estimates_are_the_same_in_float32():
         x = images(32, name)
         y, cov, _ = observation(x, ["--task", "inpaint", "--box-size", "16"], 0.05, 0.5)
         sizes, noises = [8, 16, 24], [0.02, 0.05, 0.1]
-        g64, a64, n64 = sample.blind_inpaint(e64, y, 3, sizes, noises)
-        g32, a32, n32 = sample.blind_inpaint(e32, y.float(), 3, sizes, noises)
+        g64, a64, n64 = aebm.blind_inpaint(e64, y, 3, sizes, noises)
+        g32, a32, n32 = aebm.blind_inpaint(e32, y.float(), 3, sizes, noises)
         assert torch.equal(a32, a64) and torch.equal(n32, n64)
         # a box smaller than the truth sees pixels of ~1e4 as observed: energies ~1e11, equal to 1e-7 relative;
         # the true size's candidates differ by a few nats, equal to 1e-2 nats (measured 1e-4)
@@ -186,8 +186,8 @@ def test_blind_estimates_are_the_same_in_float32():
         assert (g32 - g64)[:, 1].abs().max() < 0.01
         prob = cv.blur_problem(x.shape, 1.5, 0.05, "dct")
         y_obs = prob.measure(x, torch.Generator().manual_seed(8))
-        g64, b64, n64 = sample.blind_deblur(e64, y_obs, [1.0, 1.5, 2.0], noises, "dct", 0.5)
-        g32, b32, n32 = sample.blind_deblur(e32, y_obs.float(), [1.0, 1.5, 2.0], noises, "dct", 0.5)
+        g64, b64, n64 = aebm.blind_deblur(e64, y_obs, [1.0, 1.5, 2.0], noises, "dct", 0.5)
+        g32, b32, n32 = aebm.blind_deblur(e32, y_obs.float(), [1.0, 1.5, 2.0], noises, "dct", 0.5)
         assert torch.equal(b32, b64) and torch.equal(n32, n64)
         assert (g32 - g64).abs().max() < 0.01  # nats, out of ~3e3 (measured 2e-3)
 
@@ -203,8 +203,8 @@ def test_log_probabilities_in_float32_match_float64_per_dimension(name):
     assert (aebm.bits_per_dim(-lp32, d) - aebm.bits_per_dim(-lp64, d)).abs().max() < TOL
     for task, argv in trajectory_tasks(name):
         y, cov, _ = observation(x, argv, 0.05, 0.5 if name != "exact" else e64.mean)
-        post64 = sample.log_posterior(e64, x, y, cov, basis)
-        post32 = sample.log_posterior(e32, x.float(), *as32(y, cov), basis)
+        post64 = aebm.log_posterior(e64, x, y, cov, basis)
+        post32 = aebm.log_posterior(e32, x.float(), *as32(y, cov), basis)
         assert ((post32 - post64).abs() / d).max() < TOL, task
 
 

@@ -143,12 +143,12 @@ def test_blind_inpainting_recovers_box_and_noise_and_fails_without_normalization
     cov = cv.mask_covariance(cv.box_mask(x.shape, size), 1.0, sigma ** 2, 1)
     y = x + cov.sample(torch.Generator().manual_seed(7))[0]
     sizes, noises = [4, 8, 12], [0.02, 0.05, 0.1, 0.2]
-    grid, _, _ = sample.blind_inpaint(ds.prior, y, 1, sizes, noises, missing_var=1.0)
+    grid, _, _ = aebm.blind_inpaint(ds.prior, y, 1, sizes, noises, missing_var=1.0)
     joint = grid.sum(0)  # the images share the degradation
     i, j = divmod(int(joint.argmin()), len(noises))
     assert (sizes[i], noises[j]) == (size, sigma)
     # E + c(Sigma) with c = 0.5 log det Sigma: same scores, not normalized -> the estimate is wrong
-    wrong, _, _ = sample.blind_inpaint(true_vs_constant(0.5)(ds.prior), y, 1, sizes, noises, missing_var=1.0)
+    wrong, _, _ = aebm.blind_inpaint(true_vs_constant(0.5)(ds.prior), y, 1, sizes, noises, missing_var=1.0)
     i, j = divmod(int(wrong.sum(0).argmin()), len(noises))
     assert (sizes[i], noises[j]) != (size, sigma)
 
@@ -160,7 +160,7 @@ def test_blind_deblurring_recovers_blur_and_noise():
     for b, sigma in [(1.0, 0.05), (2.0, 0.01), (0.5, 0.2)]:
         prob = cv.blur_problem(x.shape, b, sigma, "fft")
         y_obs = prob.measure(x, torch.Generator().manual_seed(1))
-        grid, _, _ = sample.blind_deblur(ds.prior, y_obs, stds, noises, "fft", ds.prior.mean)
+        grid, _, _ = aebm.blind_deblur(ds.prior, y_obs, stds, noises, "fft", ds.prior.mean)
         i, j = divmod(int(grid.sum(0).argmin()), len(noises))
         assert (stds[i], noises[j]) == (b, sigma)
 
@@ -176,7 +176,7 @@ def test_degradation_nll_is_the_exact_density_of_the_measurement():
     K = A @ ds.prior.C_dense @ A.T + 0.01 * torch.eye(d)
     mu = torch.full((d,), ds.mean)
     ref = -torch.distributions.MultivariateNormal(A @ mu, K).log_prob(y_obs.flatten(1))
-    torch.testing.assert_close(sample.degradation_nll(ds.prior, y_obs, prob, ds.prior.mean), ref, atol=1e-8, rtol=1e-10)
+    torch.testing.assert_close(aebm.degradation_nll(ds.prior, y_obs, prob, ds.prior.mean), ref, atol=1e-8, rtol=1e-10)
 
 
 def test_log_posterior_by_bayes_rule_equals_the_exact_posterior_density():
@@ -186,7 +186,7 @@ def test_log_posterior_by_bayes_rule_equals_the_exact_posterior_density():
     K = ds.prior.posterior_cov(cov_y[:1])[0]
     probe = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     ref = torch.distributions.MultivariateNormal(m, K).log_prob(probe.flatten(1))
-    got = sample.log_posterior(ds.prior, probe, y_obs, cov_y, prior_basis="fft", s_prior=1e-12)
+    got = aebm.log_posterior(ds.prior, probe, y_obs, cov_y, prior_basis="fft", s_prior=1e-12)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
 

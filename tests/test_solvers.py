@@ -35,7 +35,7 @@ def test_reddiff_with_the_exact_prior_lands_near_the_wiener_filter():
     distance to it, relative to the Wiener filter's own error (measured 0.24 at the tuned lam, 8 images
     8x8, 200 evaluations): it is a regularised estimate, not the exact mode, hence 0.5."""
     prior, x, prob, y_obs, wiener, _ = deblur_setup(n=8)
-    out, nfe = sample.reddiff(prior, y_obs, prob, evaluations=200, task="deblur", generator=torch.Generator().manual_seed(2))
+    out, nfe = solvers.reddiff(prior, y_obs, prob, evaluations=200, task="deblur", generator=torch.Generator().manual_seed(2))
     assert nfe == 200
     assert (out - wiener).norm() / (wiener - x).norm() < 0.5
 
@@ -47,7 +47,7 @@ def test_the_mean_of_many_daps_samples_approaches_the_wiener_filter():
     prior, x, prob, y_obs, wiener, cov = deblur_setup(n=1)
     K = 64
     probK = cv.Degradation(prob.a.expand(K, -1, -1, -1), "fft", prob.sigma_n)
-    out, nfe = sample.daps(prior, y_obs.expand(K, -1, -1, -1), probK, evaluations=100, task="deblur",
+    out, nfe = solvers.daps(prior, y_obs.expand(K, -1, -1, -1), probK, evaluations=100, task="deblur",
                            generator=torch.Generator().manual_seed(3))
     assert nfe == 100
     assert (out.mean(0) - wiener[0]).norm() / (wiener - x).norm() < 0.25
@@ -59,7 +59,7 @@ def test_dps_honours_the_measurement():
     """DPS has no exactness guarantee with a Gaussian prior; what it promises is consistency with the
     data: |A x^ - y_obs| close to sigma_n sqrt(m) (m measured coordinates). Measured ratio 0.92."""
     prior, x, prob, y_obs, wiener, _ = deblur_setup(n=4)
-    out, nfe = sample.dps(prior, y_obs, prob, evaluations=100, task="deblur", generator=torch.Generator().manual_seed(4))
+    out, nfe = solvers.dps(prior, y_obs, prob, evaluations=100, task="deblur", generator=torch.Generator().manual_seed(4))
     m = y_obs[0].numel()
     ratio = (prob.A(out) - y_obs).flatten(1).norm(dim=1) / (prob.sigma_n * math.sqrt(m))
     assert ((ratio > 0.6) & (ratio < 1.4)).all(), ratio
@@ -120,11 +120,8 @@ def test_the_fitted_wiener_filter_is_fast_at_64x64x3_for_every_task():
 
 def test_bad_solver_input_gives_clear_errors(capsys):
     prior, x, prob, y_obs, _, _ = deblur_setup()
-    for peer in sample.PEERS.values():
+    for peer in solvers.PEERS.values():
         with pytest.raises(ValueError, match="step size must be positive"):
             peer(prior, y_obs, prob, evaluations=4, step=-1.0)
     with pytest.raises(ValueError, match="at least 16 training images"):
         aebm.fit_gaussian(x, "fft")
-    with pytest.raises(SystemExit):
-        sample.parse_args(["--task", "uncond", "--sampler", "dps"])
-    assert "needs a measurement" in capsys.readouterr().err

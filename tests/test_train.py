@@ -17,7 +17,7 @@ import data
 import nets
 import train
 
-ARGS = SimpleNamespace(lam=1.0, clip=20.0, bf16=0, dsm_weight="none", antithetic=0, csm="coords")
+ARGS = SimpleNamespace(lam=1.0, clip=20.0, bf16=0, dsm_weight="none")
 B = 2  # images per rank
 
 
