@@ -113,7 +113,7 @@ def operators_per_call(fn):
     """Operators one call of fn dispatches (after autograd and autocast, so every backward counted),
     as (all, kernels): kernels leaves out the views (view, transpose, select, ...), which launch nothing.
     Exact and noise-free on any machine; on an H100 at the paper's per-GPU batch the training step's time
-    ratios followed them (the step is dispatch-bound there; README, Benchmarks)."""
+    ratios followed them (the step is dispatch-bound there; docs/benchmarks.md)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -134,7 +134,7 @@ def flops_per_call(fn):
     score step does each product three times (forward, input gradient, weight gradient), the DSM step six
     (forward, the first backward's input gradient, and the second backward's four: the derivative of that
     input gradient in its output gradient and in the weight, and the forward's two). So b/a here is 2.0,
-    and time ratios above it are elementwise work and per-operator overhead (README, Benchmarks)."""
+    and time ratios above it are elementwise work and per-operator overhead (docs/benchmarks.md)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -499,7 +499,7 @@ def run_suite(args):
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     def train():
-        for low in (False, True):  # float32/TF32 also against torch's own GroupNorm and SiLU (README, Benchmarks)
+        for low in (False, True):  # float32/TF32 also against torch's own GroupNorm and SiLU (docs/benchmarks.md)
             t = train_step_times(sz["config"], sz["size"], 3, sz["batch"], device, low, False, sz["rounds"], 2,
                                  torch_layers=not low)
             print_train(t, f"batch {sz['batch']}, " + ("bf16 autocast and TF32" if low else "float32 with TF32"))

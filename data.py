@@ -310,7 +310,7 @@ def load_dataset(name, img_size, channels=3, root=None, split="train", leaf_radi
     if name not in ON_DISK:
         raise ValueError(f"unknown dataset {name!r}: use one of {BUILTIN + ON_DISK}")
     if root is None:
-        raise ValueError(f"dataset {name!r} is read from local files: pass --data-dir (see README, 'Datasets')")
+        raise ValueError(f"dataset {name!r} is read from local files: pass --data-dir (see README.md, Datasets)")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if name == "imagenet64":

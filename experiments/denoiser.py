@@ -1,7 +1,7 @@
 """
 The control for experiments/learning.py: the same UNet as a plain anisotropic denoiser, not an energy.
 
-When the learned energy restores worse than the Wiener filter (box inpainting, README, Learning), is
+When the learned energy restores worse than the Wiener filter (box inpainting, docs/results.md §1), is
 it the energy that limits it (M3's form, the conservative field, the covariance-score loss) or the
 network and the training budget? This script answers by training the same network, on the same
 data, covariances and A-DSM loss, through train.py's own loop, as a direct estimator of the

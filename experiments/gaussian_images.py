@@ -1,5 +1,5 @@
 """
-Learned image energies against the exact density (README, Validation).
+Learned image energies against the exact density (docs/results.md §3).
 
 The built-in `gaussian` dataset is a stationary Gaussian field, so its exact energy
 (aebm.GaussianEnergy) gives the physical limits. This script trains the UNet energy twice with
@@ -11,7 +11,7 @@ the exact energy on held-out images:
   - blind estimation (box size x noise level) over a grid of true values: how often the argmin of
     the energy is the truth, for dual, DSM-only and the exact energy.
 
-    python -m experiments.gaussian_images --steps 1000        # 16x16, small UNet (README, Validation)
+    python -m experiments.gaussian_images --steps 1000        # 16x16, small UNet (docs/results.md §3)
     python -m experiments.gaussian_images --size 8 --config tiny --steps 300   # the CI-scale version
 """
 

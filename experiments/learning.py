@@ -1,7 +1,7 @@
 """
 Does the learned prior beat the classical one? A checkpoint against the Wiener filter of a Gaussian
 prior fitted to the training data, and against the observation itself, on the same held-out
-images and noise (README, Learning).
+images and noise (docs/results.md §1).
 
     python -m experiments.learning --ckpt runs/quick/ckpt.pt
     python -m experiments.learning --ckpt runs/hour/ckpt.pt --n 64

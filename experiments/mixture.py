@@ -1,5 +1,5 @@
 """
-The paper's synthetic normalization experiment (Appendix D.5, README, Validation): a mixture of two
+The paper's synthetic normalization experiment (Appendix D.5, docs/results.md §3): a mixture of two
 Gaussians in d dimensions, each sample noisy with a random two-group diagonal covariance, whose
 noisy density is known in closed form. A small energy model is trained with dual score matching
 and with DSM only (same seeds, same steps); only the dual one comes out normalized.
@@ -63,7 +63,7 @@ def true_energy(y, cov):
 
 
 class MixtureEnergy(nn.Module):
-    """E = -logsumexp_i(-a_i Q_i1 - b_i Q_i2 - c_i), (a, b, c) = MLP(log s_1, log s_2) (README, Validation)."""
+    """E = -logsumexp_i(-a_i Q_i1 - b_i Q_i2 - c_i), (a, b, c) = MLP(log s_1, log s_2) (docs/results.md §3)."""
 
     def __init__(self, width=256, depth=5):
         super().__init__()

@@ -13,7 +13,7 @@ for a trained model this script measures, on held-out images:
   - NLL in bits/dim against the exact NLL;
   - the fine-grid blind-noise curve (true sigma 0.1, box 8, 8 images) against the exact one.
 
-    python -m experiments.normalization                       # dual and DSM-only, 16x16, small (README)
+    python -m experiments.normalization                       # dual and DSM-only, 16x16, small (docs/results.md §2)
     python -m experiments.normalization --ckpt dual=runs/x/ckpt.pt dsm=runs/y/ckpt.pt   # measure checkpoints
 
 It trains with train.py's real loop (dual and DSM-only with identical flags and seeds) and draws
@@ -42,7 +42,7 @@ def train_model(out, lam, steps, size=16, config="small", batch=16, seed=0, extr
                 "--batch", str(batch), "--steps", str(steps), "--lam", str(lam), "--seed", str(seed), "--out", out,
                 "--eval-every", str(10 * steps), "--log-every", str(max(1, steps // 10)), "--device", "cpu",
                 "--val-batch", "4",
-                # the paper's losses, at the learning rate every figure in README, Normalization was measured with
+                # the paper's losses, at the learning rate every figure in docs/results.md §2 was measured with
                 "--lr", "1e-3", *train.PAPER_LOSSES, *extra])
     return train.load_energy(os.path.join(out, "ckpt.pt"))[0]
 
@@ -55,7 +55,7 @@ def family_covariances(shape):
     """(name, covariance) of the anisotropic families, all at once: box masks; blur (b = 1) along its noise
     axis, and across widths at sigma_n^2 = 1e-2; SR x2 as M2 gives it (dropped frequencies at S_HUGE, as in
     training) and, once, with the dropped frequencies at s = 1e3 instead, a covariance training never draws
-    for SR (README, Normalization)."""
+    for SR (docs/results.md §2)."""
     B, C, H, W = shape
     box = cv.box_mask(shape, H // 2)
     out = [(f"box, observed sigma^2 {s:g}", cv.mask_covariance(box, 1.0, s, C, dtype=torch.float64))
@@ -154,7 +154,7 @@ if __name__ == "__main__":
     p.add_argument("--plot", default="docs/normalization_offsets.png", help="figure")
     p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999",
                    help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3 and an "
-                        "EMA over ~1000 steps, README)")
+                        "EMA over ~1000 steps, docs/results.md §2)")
     a = p.parse_args()
     if a.ckpt:
         models = {c.split("=")[0]: train.load_energy(c.split("=", 1)[1])[0] for c in a.ckpt}

@@ -1,6 +1,6 @@
 """
 Inference precision: every task's posterior mean in float32 against float64, on the same images
-and the same observation (README, Precision).
+and the same observation (docs/precision.md).
 
     python -m experiments.precision                       # after `python train.py`: the quickstart model
     python -m experiments.precision --ckpt runs/x/ckpt.pt --noise 0.01

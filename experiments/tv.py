@@ -1,6 +1,6 @@
 """
 A classical nonlinear reference for the restoration tasks: total-variation (TV) regularised least
-squares, on the same held-out images and noise as experiments/learning.py (README, Learning).
+squares, on the same held-out images and noise as experiments/learning.py (docs/results.md §1).
 
     python -m experiments.tv                                   # dead leaves 32x32x3: TV against Wiener
     python -m experiments.tv --ckpt runs/hour/ckpt.pt          # and a model's posterior means beside them

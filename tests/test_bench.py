@@ -31,7 +31,7 @@ def test_operator_count_is_exact_and_leaves_views_out():
 
 
 def test_explicit_second_derivatives_cut_the_double_backward_kernels():
-    """The reason nets.GroupNorm and nets.silu exist (README, Benchmarks): the training pattern through
+    """The reason nets.GroupNorm and nets.silu exist (docs/benchmarks.md): the training pattern through
     GroupNorm -> SiLU dispatches under a third of the kernels of torch's own composite double backward
     (44 against 156 when written)."""
     x0, c = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
@@ -61,7 +61,7 @@ def test_torch_layers_variant_times_torch_s_double_backward():
 def test_flop_count_matches_the_layers_and_the_energy_step_does_twice_the_score_step_s_arithmetic():
     """bench.flops_per_call against a count from the layers themselves (2 multiply-adds per output value
     per input channel and kernel tap, for every convolution of a forward pass), and the claim it supports
-    (README, Benchmarks): the DSM step (b) does twice the score step's (a) convolution and matrix-product
+    (docs/benchmarks.md): the DSM step (b) does twice the score step's (a) convolution and matrix-product
     arithmetic, and the covariance score (c) adds almost none of it. One product more per layer (weight
     gradients formed in the first backward, say) would put b/a at 7/3."""
     energy = bench.build_energy("tiny", 16, 3, torch.device("cpu"))

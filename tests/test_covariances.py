@@ -130,7 +130,7 @@ def test_inverse_problem_becomes_denoising_with_exactly_sigma(make):
 
 
 def test_uninformative_coordinates_hold_the_mean_and_a_draw_there_would_change_no_answer():
-    """M2 with the fill of README, Precision: where a_k carries no information, y~_k = mu_k exactly. A
+    """M2 with the fill of docs/precision.md: where a_k carries no information, y~_k = mu_k exactly. A
     draw of variance s_huge there (M2's valid draw) changes neither the exact posterior mean (by
     c zeta / sqrt(s_huge) ~ 1e-5) nor -log p(y_obs) of blind deblurring (which removes its energy)."""
     import aebm

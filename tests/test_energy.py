@@ -281,7 +281,7 @@ def tweedie_error_at_missing_pixels(model, shrink_input):
 
 
 def test_wiener_shrunk_network_input_keeps_tweedie_bounded_where_nothing_is_observed():
-    """Why EnergyModel feeds the network sqrt(w) y~ (README, Deviations): at a missing pixel the true
+    """Why EnergyModel feeds the network sqrt(w) y~ (docs/method.md §8): at a missing pixel the true
     posterior mean is ~ mu; a random network gives an O(1) error with the shrunk input and an
     error ~ sqrt(s_huge) = 1e4 times its sensitivity with the plain input y~."""
     model = aebm.EnergyModel(RandomUNetLike(C * H * W), mean=0.5, data_var=0.1)

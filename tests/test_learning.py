@@ -1,7 +1,7 @@
 """experiments/learning.py's blind-deblurring accuracy against known answers: the exact prior of the
 Gaussian field (which the argmin of its normalized energy should get right nearly always at these
 noise levels), and the same prior with a normalization error of the sign the learned models show
-(README, Learning: the energy too low at narrow blurs), which must lose accuracy."""
+(docs/results.md §1: the energy too low at narrow blurs), which must lose accuracy."""
 
 import torch
 

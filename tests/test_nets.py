@@ -51,7 +51,7 @@ def test_small_config_runs_at_every_size_and_stays_under_a_million_parameters():
 
 
 def test_paper64_has_the_documented_parameter_count():
-    assert nets.count_parameters(nets.build_unet("paper64", 64, 3)) == 55_110_534  # the figure the README quotes
+    assert nets.count_parameters(nets.build_unet("paper64", 64, 3)) == 55_110_534  # the figure README.md quotes
 
 
 def test_bad_sizes_and_configs_give_clear_errors():
@@ -322,7 +322,7 @@ def test_energy_reduction_is_float64_under_bf16_autocast():
     cov = some_covariance("dct", y.shape)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         E = model(y, cov)
-    assert E.dtype == torch.float64  # the sum over coordinates: README, Precision
+    assert E.dtype == torch.float64  # the sum over coordinates: docs/precision.md
     torch.testing.assert_close(E, model(y, cov), rtol=2e-2, atol=0.5)
 
 

@@ -1,4 +1,4 @@
-"""Claims about precision (README, Precision): every inference path run in float32, as users run it,
+"""Claims about precision (docs/precision.md): every inference path run in float32, as users run it,
 gives the float64 answer to float32-sized error at 32x32x3 (64x64x3 in the slow tests), for every
 task: denoising; box, half and random inpainting; deblurring (b = 0.5, 1.5, 3) and SR (x2, x4) in
 fft and dct; noise 0.01, 0.05 and 0.2. Three energies: M3 with F = 0 (the Gaussian limit, whose

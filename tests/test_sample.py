@@ -298,7 +298,7 @@ def test_cli_runs_every_task_with_the_exact_prior(tmp_path):
 
 
 def test_sigma_preconditioned_ula_diverges_where_the_posterior_preconditioner_is_stable():
-    """README, Deviations: at the start of the path Sigma ~ Sigma_y on observed pixels. With the
+    """docs/method.md §8: at the start of the path Sigma ~ Sigma_y on observed pixels. With the
     preconditioner P = Sigma the likelihood term multiplies y~ - y by 1 - eta s/(s_y - s) = -13.9 per
     step (eta = 0.15, s = 0.99 s_y) and ULA blows up; with P = Sigma (Sigma_y - Sigma)/Sigma_y it is
     1 - eta s/s_y and the chain stays at the target's scale."""

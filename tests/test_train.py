@@ -239,7 +239,7 @@ def test_torchrun_with_two_gloo_ranks_trains_and_resumes_exactly(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# What clusters do to a run: dropout, signals, kills, full disks (README, Training).
+# What clusters do to a run: dropout, signals, kills, full disks (docs/training.md).
 
 def test_resume_with_dropout_is_bit_identical_and_validation_draws_nothing(tmp_path):
     """Dropout draws from torch's global generator, which the checkpoint saves; validation (the EMA net

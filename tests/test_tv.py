@@ -1,4 +1,4 @@
-"""experiments/tv.py, the classical nonlinear reference of README, Learning: its operators against their
+"""experiments/tv.py, the classical nonlinear reference of docs/results.md §1: its operators against their
 definitions, its solver against an independent slower minimiser of the same objective, and its answer
 on piecewise-constant images at the size users run (32x32x3, float32)."""
 

@@ -1,6 +1,6 @@
-"""The validation experiments of README, Validation at CI scale (marked slow): dual score matching yields
+"""The validation experiments of docs/results.md §2-3 at CI scale (marked slow): dual score matching yields
 a normalized energy, DSM alone does not (the paper's Appendix D.5 toy), and learned image models
-are compared with the exact density of the built-in Gaussian field. Figures in the README come
+are compared with the exact density of the built-in Gaussian field. Figures in docs/results.md come
 from the documented commands (longer runs); these tests assert conservative versions."""
 
 import pytest
@@ -46,7 +46,7 @@ def test_learned_gaussian_field_energies_approach_the_exact_density(tmp_path):
     (dual) / 7.480 (DSM) vs 7.466 bits/dim exact; MSE/Bayes 1.10 / 1.09 (inpainting), 1.02 / 1.02
     (deblurring); blind accuracy 0.67 / 0.67 vs 1.00 exact. At this scale the M3 Gaussian anchor
     keeps even the DSM-only model close to normalized, so this test does not claim dual > DSM
-    (the mixture test does; README, Validation, has the longer image runs)."""
+    (the mixture test does; docs/results.md §3 has the longer image runs)."""
     from experiments import gaussian_images as gi
 
     models = gi.train_pair(8, "tiny", 300, str(tmp_path))
@@ -58,7 +58,7 @@ def test_learned_gaussian_field_energies_approach_the_exact_density(tmp_path):
         assert abs(r["bpd"] - rows["exact"]["bpd"]) < 0.2, rows
         assert 0.95 < r["mse_inpaint"] < 1.3 and 0.95 < r["mse_deblur"] < 1.15, rows
         assert r["blind"] >= 0.5, rows
-    # The offset of issue "normalization across noise levels" on the same two models (README, Normalization):
+    # The offset of issue "normalization across noise levels" on the same two models (docs/results.md §2):
     # (E_model - E_exact)/d over isotropic sigma^2 in [1e-6, 1], spread = max - min of its mean over 64 images.
     from experiments import normalization as nz
     import data
@@ -72,7 +72,7 @@ def test_learned_gaussian_field_energies_approach_the_exact_density(tmp_path):
     # (1/2 mean log(sigma_d^2 / c_k) over the field's spectrum c). Measured on these models: dual 0.098, DSM-only 0.025
     # (with train.py's cosine schedule, 300 / 1000 steps: dual 0.084 / 0.077). The dual model must have removed over a
     # quarter of the anchor's offset. DSM-only is not compared: nothing trains its low-noise constant, which is
-    # whatever F extrapolates to (0.025 here, 0.30 for the 16x16 small model of README, Normalization); the
+    # whatever F extrapolates to (0.025 here, 0.30 for the 16x16 small model of docs/results.md §2); the
     # mixture test above is the CI-scale proof that dual normalizes and DSM-only drifts.
     assert spread["dual"] < 0.12, spread
     path = gi.plot_candidates(models, 8, str(tmp_path / "blind.png"))
