@@ -82,7 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--torch-layers", action="store_true",
                    help="(train) also time (b) and (c) with torch's GroupNorm and SiLU instead of the explicit ones")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if nets.device_error(args.device):
+        p.error(f"--device {nets.device_error(args.device)}")
+    return args
 
 
 def sync(device):

@@ -493,7 +493,24 @@ class Conv1x1(nn.Conv2d):
 
 
 # -----------------------------------------------------------------------------
-# Memory of one evaluation (sample.py refuses images that would not fit).
+# Devices, and the memory of one evaluation (sample.py refuses images that would not fit).
+
+def device_error(name):
+    """None if the network can run on the device called `name` here, else why not (one line that names
+    the devices that work): every entry point checks --device at parse time with it."""
+    usable = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"{name}: not a device torch knows; use one of {', '.join(usable)}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{name}: no CUDA device is available here; use --device cpu"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"{name}: there are {torch.cuda.device_count()} CUDA devices here; use one of {', '.join(usable)}"
+    if device.type not in ("cpu", "cuda"):
+        return f"{name}: aebm runs on CPU and CUDA devices; use one of {', '.join(usable)}"
+    return None
+
 
 def evaluation_bytes(energy, shape, device):
     """Memory of one evaluation (E and dE/dz) at `shape`: the tensors autograd saves, measured at the

@@ -671,8 +671,8 @@ def check_args(p, args):
     noise = args.noise if args.noise is not None else 0.05
     if args.s_end is not None and args.task != "uncond" and args.s_end >= noise ** 2 and not args.observed:
         p.error(f"--s-end {args.s_end} must be below the noise variance {noise ** 2:g} (--noise {noise})")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    if args.device is not None and nets.device_error(args.device):
+        p.error(f"--device {nets.device_error(args.device)}")
 
 
 def cli():

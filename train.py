@@ -79,6 +79,9 @@ def build_parser():
     p.add_argument("--data-dir", default=None, help="directory of an on-disk dataset (README, Datasets)")
     p.add_argument("--out", default="runs/quick", help="run directory: ckpt.pt, log.csv, PNG grids, curves.png")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in an --out that holds a run: its files move to OUT/replaced_TIME/ first "
+                        "(without --resume or --restart such a folder is refused)")
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
     p.add_argument("--batch", type=int, default=None, help="global batch size, split over ranks")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate after warm-up")
@@ -183,8 +186,10 @@ def check_args(p, args):
         p.error(f"--s-range must be two variances 0 < LO < HI with LO < 1, got {lo:g} {hi:g}")
     if not (math.isfinite(args.spectral_noise_max) and args.spectral_noise_max > lo):
         p.error(f"--spectral-noise-max must be above LO of --s-range ({lo:g}), got {args.spectral_noise_max:g}")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    if args.resume and args.restart:
+        p.error("--resume continues the run in --out and --restart sets it aside: pass one of them")
+    if args.device is not None and nets.device_error(args.device):
+        p.error(f"--device {nets.device_error(args.device)}")
 
 
 # -----------------------------------------------------------------------------
@@ -249,8 +254,6 @@ def run(args, stop):
     m = build_model(args, ds, ctx)  # the energy, its EMA, Adam, the random streams, the step
     if args.resume:
         resume(m, args, ctx)
-    elif ctx.master and os.path.exists(ctx.ckpt_path):
-        print(f"note: {ctx.ckpt_path} exists and will be overwritten (use --resume to continue it)")
     log = open_log(args, ctx, m)
     while m.step < args.steps:
         lr = learning_rate(m.step, args)
@@ -305,9 +308,11 @@ def setup(args):
         data.prepare_out(args.out)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    return SimpleNamespace(world=world, rank=rank, master=rank == 0, device=device, distributed=distributed,
-                           local_batch=args.batch // world, dtype=getattr(torch, args.dtype),
-                           ckpt_path=os.path.join(args.out, "ckpt.pt"), log_path=os.path.join(args.out, "log.csv"))
+    ctx = SimpleNamespace(world=world, rank=rank, master=rank == 0, device=device, distributed=distributed,
+                          local_batch=args.batch // world, dtype=getattr(torch, args.dtype),
+                          ckpt_path=os.path.join(args.out, "ckpt.pt"), log_path=os.path.join(args.out, "log.csv"))
+    protect_previous_run(args, ctx)
+    return ctx
 
 
 def load_data(args, ctx):
@@ -401,12 +406,56 @@ def resume(m, args, ctx):
     if ctx.device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"].cpu())
     if ctx.master:
-        truncate_log(ctx.log_path, m.step)
-        print(f"resumed from {ctx.ckpt_path} at step {m.step}")
+        note = restore_log(ctx.log_path, m.step)
+        print(f"resumed from {ctx.ckpt_path} at step {m.step}" + (f"; {note}" if note else ""))
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the previous one (if any) is intact."""
+
+
+def protect_previous_run(args, ctx):
+    """A folder that holds a run is continued (--resume), set aside (--restart), or refused: one missing
+    flag must not replace hours of training. A ckpt.pt.tmp left by a kill during a checkpoint write is
+    stale (the checkpoint beside it is intact) and goes."""
+    tmp = ctx.ckpt_path + ".tmp"
+    if ctx.master and os.path.exists(tmp):
+        os.remove(tmp)
+        print(f"note: removed {tmp}, left by an interrupted checkpoint write (the checkpoint itself is intact)")
+    held = os.path.exists(ctx.ckpt_path)
+    if ctx.distributed:
+        dist.barrier()  # every rank has looked before rank 0 moves anything
+    if args.resume or not held:
+        return
+    if not args.restart:
+        sys.exit(f"error: {args.out} already holds a run ({describe_checkpoint(ctx.ckpt_path)}); continue it with "
+                 f"--resume, start over with --restart (its files move to {args.out}/replaced_TIME/), or pass a new --out")
+    if ctx.master:
+        print(f"note: --restart: the previous run ({describe_checkpoint(ctx.ckpt_path)}) moved to {set_aside(args.out)}")
+    if ctx.distributed:
+        dist.barrier()
+
+
+def describe_checkpoint(path):
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError:
+        return "an unreadable ckpt.pt"
+    c = ckpt["config"]
+    return f"step {ckpt['step']}, {c['dataset']} {c['img_size']}x{c['img_size']}x{c['channels']}, {c['config']}"
+
+
+def set_aside(out):
+    """Move a run's files (checkpoint, log, curves, validation grids) into a new OUT/replaced_TIME/."""
+    stem = os.path.join(out, "replaced_" + time.strftime("%Y%m%d-%H%M%S"))
+    dest, n = stem, 1
+    while os.path.exists(dest):
+        dest, n = f"{stem}_{n}", n + 1
+    os.makedirs(dest)
+    for name in sorted(os.listdir(out)):
+        if name in ("ckpt.pt", "log.csv", "curves.png") or (name.startswith("val_") and name.endswith(".png")):
+            os.replace(os.path.join(out, name), os.path.join(dest, name))
+    return dest
 
 
 def save_checkpoint(path, state):
@@ -652,17 +701,28 @@ def agreed_signal(signum, world):
     return int(t.item())
 
 
-def truncate_log(path, step):
-    """On --resume: drop the rows logged after the checkpoint's step (written, then lost with the
-    process), atomically, so that log.csv holds each step once."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+def restore_log(path, step):
+    """On --resume: log.csv starts with its header and holds each step once. Rows past the checkpoint's
+    step (written, then lost with the process) and rows that cannot be read (a line cut by a kill) are
+    dropped; a missing, empty or header-less log starts again. Written atomically. Returns a one-line
+    note when the log needed more than the usual trim, else None."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    header = bool(rows) and rows[0] == LOG_COLUMNS
+    body = rows[1:] if header else rows
+    width = {"train": 8, "val": len(LOG_COLUMNS)}  # the fields each kind of row is written with
+    readable = [r for r in body if len(r) > 1 and r[0].isdigit() and width.get(r[1]) == len(r)]
     with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows(kept)
+        csv.writer(f).writerows([LOG_COLUMNS] + [r for r in readable if int(r[0]) <= step])
     os.replace(path + ".tmp", path)
+    if not rows:
+        return f"{path} was missing or empty: a new log starts at step {step}"
+    if not header or len(readable) < len(body):
+        lost = len(body) - len(readable)
+        return f"{path} had {'no header' if not header else 'unreadable rows'}: repaired, {lost} unreadable rows dropped"
+    return None
 
 
 def average_gradients(params, world):

@@ -29,8 +29,9 @@ import sample
 import train
 
 
-def train_pair(size, config, steps, out, seed=0, batch=16, lr=1e-3):
-    """Dual and DSM-only energies trained with identical flags; returns {name: energy}."""
+def train_pair(size, config, steps, out, seed=0, batch=16, lr=1e-3, restart=False):
+    """Dual and DSM-only energies trained with identical flags; returns {name: energy}. restart: set aside
+    earlier runs in the same folders (train.py --restart) instead of refusing them."""
     models = {}
     for name, lam in (("dual", "1.0"), ("dsm", "0.0")):
         run_dir = os.path.join(out, f"gaussian{size}_{config}_{name}")
@@ -38,7 +39,7 @@ def train_pair(size, config, steps, out, seed=0, batch=16, lr=1e-3):
                     "--batch", str(batch), "--steps", str(steps), "--lr", str(lr), "--warmup", "20",
                     "--decay", "step", "--decay-every", str(max(steps // 2, 1)), "--eval-every", str(10 * steps),
                     "--log-every", str(max(steps // 4, 1)), "--out", run_dir, "--lam", lam, "--seed", str(seed),
-                    "--device", "cpu", "--val-batch", "4", *train.PAPER_LOSSES])
+                    "--device", "cpu", "--val-batch", "4", *train.PAPER_LOSSES, *(["--restart"] if restart else [])])
         models[name] = train.load_energy(os.path.join(run_dir, "ckpt.pt"))[0]
     return models
 
@@ -126,7 +127,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=1500, help="training steps per model")
     p.add_argument("--out", default="runs/validation", help="run directories")
     p.add_argument("--plot", default="docs/blind_energy_gaussian.png", help="energy-vs-candidate plot")
+    p.add_argument("--restart", action="store_true", help="set aside earlier runs in --out (train.py --restart)")
     a = p.parse_args()
-    models = train_pair(a.size, a.config, a.steps, a.out)
+    models = train_pair(a.size, a.config, a.steps, a.out, restart=a.restart)
     print_table(evaluate(models, a.size))
     print("plot:", plot_candidates(models, a.size, a.plot))

@@ -152,6 +152,7 @@ if __name__ == "__main__":
     p.add_argument("--ckpt", nargs="*", default=None, help="measure these checkpoints (NAME=PATH) instead of training")
     p.add_argument("--out", default="runs/normalization", help="run directories")
     p.add_argument("--plot", default="docs/normalization_offsets.png", help="figure")
+    p.add_argument("--restart", action="store_true", help="set aside earlier runs in --out (train.py --restart)")
     p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999",
                    help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3 and an "
                         "EMA over ~1000 steps, docs/results.md §2)")
@@ -159,7 +160,8 @@ if __name__ == "__main__":
     if a.ckpt:
         models = {c.split("=")[0]: train.load_energy(c.split("=", 1)[1])[0] for c in a.ckpt}
     else:
-        models = {name: train_model(os.path.join(a.out, name), lam, a.steps, extra=a.extra.split())
+        extra = a.extra.split() + (["--restart"] if a.restart else [])
+        models = {name: train_model(os.path.join(a.out, name), lam, a.steps, extra=extra)
                   for name, lam in (("dual", 1.0), ("dsm", 0.0))}
     res = measure(models)
     print_report(res)

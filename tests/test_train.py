@@ -193,7 +193,7 @@ def test_training_on_gaussian_data_approaches_the_exact_floor(tmp_path):
             "--val-batch", "4", *train.PAPER_LOSSES, "--lam", "1"]
     train.main(args + ["--steps", "1"])
     first, _ = train.load_energy(str(out / "ckpt.pt"), use_ema=False)
-    train.main(args + ["--steps", "300"])
+    train.main(args + ["--steps", "300", "--restart"])
     last, config = train.load_energy(str(out / "ckpt.pt"), use_ema=True)
     ds = data.load_dataset("gaussian", 8, 1)
     x = ds.get_batch(256, torch.Generator().manual_seed(7))
@@ -320,6 +320,62 @@ def test_log_holds_each_step_once_after_a_kill_and_a_resume(tmp_path):
     assert steps == list(range(1, ckpt_step + 5)), steps
 
 
+def test_a_folder_that_holds_a_run_is_refused_unless_resumed_or_restarted(tmp_path):
+    """Forgetting --resume must not replace a run: the folder is refused with what it holds and the ways
+    on; --restart moves the old run's files aside, and only then starts over."""
+    import csv
+
+    train.main(run_args(tmp_path, 4))
+    before = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    with pytest.raises(SystemExit, match=r"already holds a run \(step 4, gaussian 8x8x1, tiny\).*--resume.*--restart"):
+        train.main(run_args(tmp_path, 2))
+    assert_same_state(torch.load(tmp_path / "ckpt.pt", weights_only=True), before)  # untouched
+    with pytest.raises(SystemExit):
+        train.parse_args(run_args(tmp_path, 2, "--resume", "--restart"))
+    train.main(run_args(tmp_path, 2, "--restart"))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    (old,) = [d for d in tmp_path.iterdir() if d.name.startswith("replaced_")]
+    assert_same_state(torch.load(old / "ckpt.pt", weights_only=True), before)
+    assert (old / "log.csv").exists() and (old / "val_0000004.png").exists() and not (tmp_path / "val_0000004.png").exists()
+    with open(tmp_path / "log.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r["split"] == "train"] == [2]
+
+
+@pytest.mark.parametrize("damage,kept", [("deleted", [4, 5]), ("empty", [4, 5]), ("no header", [2, 3, 4, 5]),
+                                         ("cut mid-row", [2, 3, 4, 5])])
+def test_resume_survives_a_missing_empty_or_truncated_log_and_says_so(tmp_path, damage, kept, capsys):
+    import csv
+
+    train.main(run_args(tmp_path, 3))  # train rows at steps 2 and 3, a validation row at 3, checkpoint at 3
+    log = tmp_path / "log.csv"
+    text = log.read_text()
+    if damage == "deleted":
+        log.unlink()
+    elif damage == "empty":
+        log.write_text("")
+    elif damage == "no header":
+        log.write_text(text.split("\n", 1)[1])
+    else:  # a kill in the middle of writing the last row (the validation row)
+        log.write_text(text.rstrip("\n")[:-30])
+    capsys.readouterr()
+    train.main(run_args(tmp_path, 5, "--resume"))  # validates at step 5 and redraws the curves from the log
+    out = capsys.readouterr().out
+    assert "resumed from" in out and ("new log starts at step 3" in out or "repaired" in out), out
+    with open(log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["split"] == "train"] == kept
+    assert [int(r["step"]) for r in rows if r["split"] == "val"] == ([3, 5] if damage == "no header" else [5])
+
+
+def test_a_stale_checkpoint_tmp_is_removed_by_the_next_run(tmp_path, capsys):
+    train.main(run_args(tmp_path, 3))
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # a SIGKILL during a checkpoint write
+    capsys.readouterr()
+    train.main(run_args(tmp_path, 4, "--resume"))
+    assert "removed" in capsys.readouterr().out and not (tmp_path / "ckpt.pt.tmp").exists()
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4
+
+
 def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
@@ -365,6 +421,18 @@ def test_bad_numeric_flags_are_refused_at_parse_time_naming_the_flag(flag, value
     with pytest.raises(SystemExit):
         train.parse_args([flag, value])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,message", [("gpu", "not a device torch knows"), ("mps", "runs on CPU and CUDA devices")])
+def test_unknown_devices_are_refused_at_parse_time_by_every_entry_point(name, message, capsys):
+    import bench
+    import sample
+
+    for parse in (train.parse_args, sample.parse_args, bench.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--device", name])
+        err = capsys.readouterr().err
+        assert f"--device {name}: " in err and message in err and "use one of cpu" in err, err
 
 
 def test_cuda_without_a_gpu_is_refused_at_parse_time(capsys):
