@@ -29,8 +29,8 @@ import math
 import torch
 import torch.nn as nn
 
-from covariances import (S_HUGE, S_MIN, Covariance, blur_problem, box_mask, from_basis, mask_covariance, reflect_freq,
-                         to_basis, white_noise)
+from covariances import (S_HUGE, S_MIN, Covariance, Degradation, blur_problem, box_mask, from_basis, mask_covariance,
+                         reflect_freq, to_basis, white_noise)
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -328,10 +328,10 @@ def degradation_nll(energy, y_obs, prob, mean, observed_only=False):
 # probable. Only a normalized energy can rank candidates this way: an offset c(Sigma) would shift each
 # candidate's energy by its own constant.
 
-def blind_inpaint(energy, y, channels, sizes, noises, missing_var=S_HUGE):
+def blind_inpaint(energy, y, channels, sizes, noises, missing_var=S_HUGE, progress=None):
     """Energies E(y, Sigma(size, sigma)) of one observation y under every centred box size x noise
     level candidate, all evaluating the same y (docs/method.md §6). Returns (energies (B, n_size, n_noise),
-    estimated size (B,), estimated sigma (B,))."""
+    estimated size (B,), estimated sigma (B,)). progress: called after each candidate (data.Progress)."""
     B = y.shape[0]
     grid = torch.empty(B, len(sizes), len(noises), dtype=torch.float64)
     with torch.no_grad():
@@ -340,11 +340,13 @@ def blind_inpaint(energy, y, channels, sizes, noises, missing_var=S_HUGE):
             for j, sigma in enumerate(noises):
                 cov = mask_covariance(missing, missing_var, sigma ** 2, channels, dtype=y.dtype)
                 grid[:, i, j] = energy(y, cov).double().cpu()
+                if progress:
+                    progress(1)
     best = grid.flatten(1).argmin(1)
     return grid, torch.tensor(sizes)[best // len(noises)], torch.tensor(noises, dtype=torch.float64)[best % len(noises)]
 
 
-def blind_deblur(energy, y_obs, blur_stds, noises, basis, mean):
+def blind_deblur(energy, y_obs, blur_stds, noises, basis, mean, progress=None):
     """-log p(y_obs | b, sigma) over blur std x noise level candidates (B, n_b, n_sigma), and the argmin.
     The candidates have different operators, so each is scored through its own y~ (degradation_nll)."""
     B = y_obs.shape[0]
@@ -353,6 +355,8 @@ def blind_deblur(energy, y_obs, blur_stds, noises, basis, mean):
         for j, sigma in enumerate(noises):
             prob = blur_problem(y_obs.shape, b, sigma, basis, dtype=y_obs.dtype, device=y_obs.device)
             grid[:, i, j] = degradation_nll(energy, y_obs, prob, mean).cpu()
+            if progress:
+                progress(1)
     best = grid.flatten(1).argmin(1)
     return (grid, torch.tensor(blur_stds, dtype=torch.float64)[best // len(noises)],
             torch.tensor(noises, dtype=torch.float64)[best % len(noises)])
@@ -418,6 +422,9 @@ class GaussianEnergy(nn.Module):
     def energy_z(self, z, cov):
         """M9 from the basis coordinates z = U y of cov's basis, (B,) in float64."""
         self.check(z, cov)
+        if self.basis is not None and not self.diagonal_with(cov) and isotropic(cov):
+            # s I is the same matrix in every basis: take z to the prior's own basis (differentiably)
+            z, cov = to_basis(cov.Uh(z), self.basis), Covariance.from_log_s(cov.log_s, self.basis)
         if self.diagonal_with(cov):
             mu = cov.U(self.mean.to(real_dtype(z)).expand(z.shape))
             v = self.c.to(real_dtype(z)) + cov.s  # eigenvalues of C + Sigma, (B, C, H, W)
@@ -446,8 +453,7 @@ class GaussianEnergy(nn.Module):
     def posterior_mean(self, y, cov):
         """mu + C (C + Sigma)^{-1} (y - mu) (M9), the Wiener filter, in y's dtype."""
         self.check(y, cov)
-        isotropic = (cov.s == cov.s.flatten(1)[:, :1, None, None]).all()  # s I is diagonal in every basis
-        if self.basis is not None and (cov.basis == self.basis or isotropic):
+        if self.basis is not None and (cov.basis == self.basis or isotropic(cov)):
             c, U, Uh = self.c.to(y.dtype), (lambda x: to_basis(x, self.basis)), (lambda x: from_basis(x, self.basis))
             s = cov.s if cov.basis == self.basis else cov.s.flatten(1)[:, 0].view(-1, 1, 1, 1)
             mu = self.mean.to(y.dtype)
@@ -505,6 +511,12 @@ class GaussianEnergy(nn.Module):
         return self.mean + noise
 
 
+def isotropic(cov):
+    """Is every image's Sigma = s I (the same matrix in every basis)?"""
+    s = cov.s.detach()
+    return bool((s == s.flatten(1)[:, :1, None, None]).all())
+
+
 def fit_gaussian(x, basis, min_images=16):
     """The classical baseline: a Gaussian prior fitted to training images x (N, C, H, W) — per-channel
     mean, and per-coefficient variances in `basis` (in fft: the power spectrum of a stationary field;
@@ -518,3 +530,53 @@ def fit_gaussian(x, basis, min_images=16):
     if basis == "fft":
         c = 0.5 * (c + reflect_freq(c))  # exactly symmetric, so that C is real
     return GaussianEnergy(mean, Covariance(c.clamp_min(1e-12), basis))
+
+
+def fit_power_law(z, s, mean, alphas=None, n_amplitudes=81):
+    """The classical prior a restorer can fit to the observation itself: a stationary Gaussian whose DCT
+    variances follow a power law in spatial frequency, c_k = A (|f_k|^2 + f0^2)^(-alpha/2) per channel, the
+    1/f^alpha law of natural images, with f in cycles per pixel (so it means the same at any image size)
+    and f0 the lowest frequency of the image. z: U y~ of an observation in the DCT basis, s its variances
+    (M2), mean: per-channel means (C,). A and alpha maximise the likelihood of the informative coordinates
+    (s < s_huge), N(z_k; mu_k, c_k + s_k), on a grid; three numbers per channel fitted to thousands of
+    coordinates, so the fit's own advantage is negligible. Returns a GaussianEnergy in the DCT basis."""
+    B, C, H, W = z.shape
+    f = torch.sqrt((torch.arange(H, dtype=torch.float64)[:, None] / (2 * H)) ** 2
+                   + (torch.arange(W, dtype=torch.float64)[None, :] / (2 * W)) ** 2)
+    f0 = 1 / (2 * max(H, W))
+    log_f = 0.5 * (f ** 2 + f0 ** 2).log()  # (H, W)
+    mu = to_basis(torch.as_tensor(mean, dtype=torch.float64).view(1, C, 1, 1).expand(1, C, H, W), "dct")[0]
+    r2 = (z.double()[0] - mu) ** 2  # (C, H, W)
+    s = s.double()[0]
+    keep = s < S_HUGE * 0.999
+    alphas = torch.linspace(0, 4, 41, dtype=torch.float64) if alphas is None else alphas
+    c = torch.empty(C, H, W, dtype=torch.float64)
+    for ch in range(C):
+        k = keep[ch]
+        shape = -log_f[k][None, :] * alphas[:, None]  # (n_alpha, n): log c_k - log A
+        # log A on a grid around the value that matches the excess power of the best-measured half of the
+        # coordinates (elsewhere s, up to 1e8 for a blur's nearly-lost frequencies, hides the signal)
+        sharp = s[ch][k] <= s[ch][k].median()
+        excess = (r2[ch][k][sharp] - s[ch][k][sharp]).mean().clamp_min(1e-8)
+        center = excess.log() - shape[:, sharp].exp().mean(1).log()  # (n_alpha,)
+        log_A = center[:, None] + torch.linspace(-8, 8, n_amplitudes, dtype=torch.float64)[None, :]
+        nll = torch.empty(len(alphas), n_amplitudes, dtype=torch.float64)
+        for i in range(len(alphas)):  # one exponent at a time: (n_A, n) values, not (n_alpha, n_A, n)
+            v = (log_A[i, :, None] + shape[i]).exp() + s[ch][k]
+            nll[i] = 0.5 * (r2[ch][k] / v + v.log()).sum(-1)
+        i, j = divmod(int(nll.argmin()), n_amplitudes)
+        c[ch] = (log_A[i, j] - alphas[i] * log_f).exp()
+    mean_image = torch.as_tensor(mean, dtype=torch.float64).view(C, 1, 1).expand(C, H, W).clone()
+    return GaussianEnergy(mean_image, Covariance(c[None], "dct"))
+
+
+def evidence(energy, y_obs, prob, observed_only=False):
+    """-log p(y_obs) per dimension under the energy and under the classical prior fitted to the observation
+    itself (fit_power_law: a Gaussian with a 1/f^alpha spectrum), both through degradation_nll and so on
+    one scale; and that Gaussian. prob must be diagonal in the DCT basis or isotropic (not a mask)."""
+    d, mean = y_obs[0].numel(), y_obs.double().mean(dim=(0, 2, 3))  # per-channel means of the image
+    dct = prob if prob.basis == "dct" else Degradation(prob.a, "dct", prob.sigma_n, prob.s_huge)  # denoising: A = I
+    z, cov = dct.to_denoising_z(y_obs.double(), mean.view(1, -1, 1, 1).expand_as(y_obs))
+    gaussian = fit_power_law(z, cov.s, mean)
+    model = degradation_nll(energy, y_obs, prob, energy_mean(energy), observed_only).item() / d
+    return model, degradation_nll(gaussian, y_obs, dct, gaussian.mean, observed_only).item() / d, gaussian

@@ -32,6 +32,8 @@ import math
 import os
 import pickle
 import struct
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -130,36 +132,66 @@ class ArrayImages:
 
 
 class FileImages:
-    """Image files read, centre-cropped (optional) and resized on demand."""
+    """Image files read on demand, in one of two ways.
+    crop="center": the largest centred square (or `size` pixels, CelebA's 140) resized to img_size, one
+      image per file: datasets of objects and faces, where the whole picture is the sample.
+    crop="random": an img_size x img_size window at a random place of a photograph at its own resolution
+      (first shrunk by `scale` if scale < 1): a folder of a few dozen photographs gives millions of distinct
+      training crops, at the scale at which sample.py later restores such photographs whole. Each file is
+      decoded once and kept in memory as uint8."""
 
-    def __init__(self, files, img_size, channels=3, crop=None):
+    def __init__(self, files, img_size, channels=3, crop="center", size=None, scale=1.0):
         if not files:
             raise FileNotFoundError("no images found")
-        self.files, self.img_size, self.channels, self.crop = files, img_size, channels, crop
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        if not 0 < scale <= 1:
+            raise ValueError(f"scale must be in (0, 1] (a photograph is shrunk, never enlarged), got {scale}")
+        self.files, self.img_size, self.channels = files, img_size, channels
+        self.crop, self.size, self.scale, self.decoded = crop, size, scale, {}
         self.mean, self.var = estimate_moments(self)
 
     def __len__(self):
         return len(self.files)
 
     def read(self, path):
+        """One file as a (C, h, w) uint8 tensor: centre-cropped and resized, or whole (shrunk by `scale`)."""
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB" if self.channels == 3 else "L")
                 w, h = im.size
-                c = min(self.crop or min(w, h), w, h)  # centre square crop (CelebA: 140x140)
-                im = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c))
-                im = im.resize((self.img_size, self.img_size), Image.BICUBIC)
+                if self.crop == "center":
+                    c = min(self.size or min(w, h), w, h)
+                    im = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c))
+                    im = im.resize((self.img_size, self.img_size), Image.BICUBIC)
+                elif self.scale < 1:
+                    im = im.resize((max(1, round(w * self.scale)), max(1, round(h * self.scale))), Image.LANCZOS)
                 arr = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"corrupt or unreadable image {path}: {e}. Remove or replace the file.") from None
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return torch.from_numpy(arr.copy()).float() / 255.0
+        if min(arr.shape[1:]) < self.img_size:
+            raise ValueError(f"image {path} is {arr.shape[2]}x{arr.shape[1]} (after --scale {self.scale:g}), smaller "
+                             f"than the {self.img_size}x{self.img_size} crops; pass a smaller --img-size or remove it")
+        return torch.from_numpy(arr.copy())
 
     def load(self, idx):
-        return torch.stack([self.read(self.files[int(i)]) for i in idx]).clamp(0, 1)
+        return torch.stack([self.read(self.files[int(i)]) for i in idx]).float() / 255.0
+
+    def window(self, i, generator):
+        """A random img_size window of file i (decoded once)."""
+        if i not in self.decoded:
+            self.decoded[i] = self.read(self.files[i])
+        img, n = self.decoded[i], self.img_size
+        top = int(torch.randint(img.shape[1] - n + 1, (1,), generator=generator))
+        left = int(torch.randint(img.shape[2] - n + 1, (1,), generator=generator))
+        return img[:, top : top + n, left : left + n]
 
     def get_batch(self, n, generator=None):
-        return self.load(torch.randint(len(self), (n,), generator=generator))
+        idx = torch.randint(len(self), (n,), generator=generator)
+        if self.crop == "center":
+            return self.load(idx)
+        return torch.stack([self.window(int(i), generator) for i in idx]).float() / 255.0
 
 
 def resize(x, size):
@@ -170,8 +202,12 @@ def resize(x, size):
 
 
 def estimate_moments(ds, n=256):
-    """Data mean and per-coordinate variance from up to n images (deterministic: the first n)."""
-    x = ds.load(torch.arange(min(n, len(ds))))
+    """Data mean and per-coordinate variance from up to n images (deterministic: the first n, or n random
+    crops drawn with a fixed seed)."""
+    if getattr(ds, "crop", "center") == "random":
+        x = ds.get_batch(n, torch.Generator().manual_seed(0))
+    else:
+        x = ds.load(torch.arange(min(n, len(ds))))
     return float(x.mean()), float(x.var())
 
 
@@ -295,10 +331,11 @@ def read_celeba(root, split):
     return split_files(files, split)
 
 
-def load_dataset(name, img_size, channels=3, root=None, split="train", leaf_radii=None):
+def load_dataset(name, img_size, channels=3, root=None, split="train", leaf_radii=None, crop="center", scale=1.0):
     """The dataset `name` at img_size. channels applies to the built-in datasets and to image
     folders; the others have their own (mnist 1, the rest 3). leaf_radii: (r_min, r_max) in pixels for
-    dead leaves (default 1 and img_size / 3); the other datasets ignore it."""
+    dead leaves (default 1 and img_size / 3); crop ("center" or "random") and scale: how an image folder
+    becomes training images (FileImages); the other datasets ignore them."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if img_size < 1:
@@ -323,16 +360,53 @@ def load_dataset(name, img_size, channels=3, root=None, split="train", leaf_radi
         files = read_celeba(root, split)
         if not files:
             raise FileNotFoundError(f"no CelebA images for split {split!r} in {root}")
-        return FileImages(files, img_size, 3, crop=140)
+        return FileImages(files, img_size, 3, size=140)
     require(root, "image folder", "Pass a directory that contains images (searched recursively).")
     files = split_files(list_images(root), split)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r} under {root}")
-    return FileImages(files, img_size, channels)
+    return FileImages(files, img_size, channels, crop, scale=scale)
+
+
+def dataset_for(config, split, root=None):
+    """The dataset a run's or a checkpoint's config describes (dataset, size, channels, dead leaves' radii,
+    how an image folder is cropped, and where it lives unless `root` says otherwise): every tool that
+    draws images for a checkpoint draws them from here."""
+    return load_dataset(config["dataset"], config["img_size"], config["channels"], root or config.get("data_dir"),
+                        split, config.get("leaf_radii"), config.get("crop", "center"), config.get("scale", 1.0))
 
 
 # -----------------------------------------------------------------------------
-# Writing images.
+# Progress of long work, and writing images.
+
+class Progress:
+    """Progress lines on stderr for work of a known size (network evaluations): what is done, the rate and
+    the time left, as training logs them. Throttled: the first after `first` seconds, then at most one every
+    `every` seconds, and a closing line if any was printed; quiet prints nothing. Call it with the number of
+    evaluations just done."""
+
+    def __init__(self, what, total, quiet=False, first=2.0, every=10.0, stream=None):
+        self.what, self.total, self.quiet, self.first, self.every = what, total, quiet, first, every
+        self.stream, self.done, self.start, self.printed = stream or sys.stderr, 0, time.time(), None
+
+    def __call__(self, n=1):
+        self.done += n
+        now = time.time()
+        due = self.first if self.printed is None else self.every
+        if not self.quiet and now - (self.printed or self.start) >= due and self.done < self.total:
+            self.line(now)
+
+    def line(self, now):
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / max(rate, 1e-9)
+        print(f"{self.what}: {self.done}/{self.total} evaluations | {rate:.1f}/s | eta {eta:.0f} s",
+              file=self.stream, flush=True)
+        self.printed = now
+
+    def close(self):
+        if self.printed is not None and not self.quiet:
+            print(f"{self.what}: {self.done} evaluations in {time.time() - self.start:.0f} s", file=self.stream, flush=True)
+
 
 def prepare_out(out):
     """The output directory, created if needed; a one-line ValueError if it is a file or not writable."""
@@ -447,6 +521,36 @@ def nice_ticks(lo, hi, n=5):
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     first = math.ceil(lo / step) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+# The training log, OUT/log.csv: a row per --log-every steps (the first 8 columns) and per validation (all).
+LOG_COLUMNS = ["step", "split", "loss_dsm", "loss_csm", "lr", "grad_norm", "img_per_s", "elapsed_s"] + [
+    f"{kind}_{task}" for task in ("denoise", "inpaint", "deblur", "sr") for kind in ("psnr", "wiener", "observed")
+] + ["blind_inpaint"]
+
+
+def restore_log(path, step):
+    """On --resume: log.csv starts with its header and holds each step once. Rows past the checkpoint's
+    step (written, then lost with the process) and rows that cannot be read (a line cut by a kill) are
+    dropped; a missing, empty or header-less log starts again. Written atomically. Returns a one-line
+    note when the log needed more than the usual trim, else None."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    header = bool(rows) and rows[0] == LOG_COLUMNS
+    body = rows[1:] if header else rows
+    width = {"train": 8, "val": len(LOG_COLUMNS)}  # the fields each kind of row is written with
+    readable = [r for r in body if len(r) > 1 and r[0].isdigit() and width.get(r[1]) == len(r)]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows([LOG_COLUMNS] + [r for r in readable if int(r[0]) <= step])
+    os.replace(path + ".tmp", path)
+    if not rows:
+        return f"{path} was missing or empty: a new log starts at step {step}"
+    if not header or len(readable) < len(body):
+        lost = len(body) - len(readable)
+        return f"{path} had {'no header' if not header else 'unreadable rows'}: repaired, {lost} unreadable rows dropped"
+    return None
 
 
 def save_learning_curves(log_path, out_path):

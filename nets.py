@@ -47,6 +47,7 @@ what the network is.
 """
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -291,6 +292,54 @@ def build_unet(config, img_size, in_channels, dropout=None):
 
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------
+# The model a checkpoint of train.py holds (train.py writes them; sample.py, bench.py and experiments/ read them).
+
+# What a checkpoint must agree on to be resumed or sampled from with this code path.
+ARCHITECTURE_KEYS = ("dataset", "img_size", "channels", "config", "dtype")
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py --out {os.path.dirname(path) or '.'})")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it may be corrupt or not an aebm checkpoint") from None
+    expected = ("model", "ema", "opt", "step", "config", "rng")
+    missing = [k for k in expected if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or not isinstance(ckpt.get("config"), dict) or not all(k in ckpt["config"] for k in ARCHITECTURE_KEYS):
+        what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"a dict without {', '.join(missing) or 'a configuration'}"
+        raise ValueError(f"{path} is not a checkpoint of train.py: it holds {what}; expected a dict with "
+                         f"{', '.join(expected)} (written by `python train.py --out DIR`)")
+    return ckpt
+
+
+def build_energy(config, device="cpu"):
+    """The energy model a checkpoint's config dict describes (its weights not loaded)."""
+    net = build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"))
+    net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
+    return aebm.EnergyModel(net, config["data_mean"], config["data_var"])
+
+
+def load_energy(path, device="cpu", use_ema=True):
+    """(energy model in eval mode with the EMA weights, config) from a checkpoint."""
+    ckpt = load_checkpoint(path, device)
+    if ckpt["config"].get("model", "energy") != "energy":
+        raise ValueError(f"{path} holds a plain denoiser, not an energy (experiments/denoiser.py); "
+                         f"measure it with python -m experiments.denoiser --ckpt {path}")
+    energy = build_energy(ckpt["config"], device)
+    try:
+        # a checkpoint from before the learned constant lacks its zero-initialised heads: the same model
+        missing, unexpected = energy.net.load_state_dict(ckpt["ema" if use_ema else "model"], strict=False)
+        if unexpected or any(not k.startswith("offset") for k in missing):
+            raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"checkpoint {path} does not fit this version's {ckpt['config']['config']!r} network "
+                         f"({str(e).splitlines()[0]}); retrain it with this code") from None
+    return energy.eval(), ckpt["config"]
 
 
 # -----------------------------------------------------------------------------

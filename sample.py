@@ -8,17 +8,12 @@ DAPS, live with that comparison in experiments/solvers.py.)
 
 Every function takes an `energy(y, cov)` (aebm.py), so the learned EnergyModel and the exact
 GaussianEnergy are interchangeable; tests/test_sample.py runs each sampler on the exact energy.
-
-The posterior problem. A task gives an anisotropic-denoising observation (y_obs~, Sigma_y)
-(covariances.Degradation.to_denoising, M2). With Sigma_t = diag(s_t) in Sigma_y's basis:
-  - posterior mean in one shot: x^ = y~ - Sigma_y dE/dy (M4, aebm.posterior_mean);
-  - reverse diffusion: start from p(y_0 | y~) with Sigma_0 = Sigma_y (capped at s_max), then
-    alternate a predictor (M12) that lowers Sigma_t to Sigma_{t+1} and corrector steps on
-        pi_t(y) = p(y | y~) ~ exp(-E(y, Sigma_t)) N(y~; y, Sigma_y - Sigma_t)          (M11)
-    (ULA, or MALA with the exact Metropolis-Hastings acceptance), down to Sigma_T = s_end;
-  - the schedule is geometric, or energy-guided (M13);
-  - blind estimation picks the covariance that minimises the normalized energy (aebm.blind_inpaint,
-    aebm.blind_deblur: paper eq. 16).
+A task gives an anisotropic-denoising observation (y~, Sigma_y) (M2); with Sigma_t = diag(s_t) in
+Sigma_y's basis, reverse diffusion starts from p(y_0 | y~) at Sigma_0 = Sigma_y (capped at s_max) and
+alternates a predictor (M12) that lowers Sigma_t with corrector steps on
+    pi_t(y) = p(y | y~) ~ exp(-E(y, Sigma_t)) N(y~; y, Sigma_y - Sigma_t)                  (M11)
+(ULA, or MALA with the exact Metropolis-Hastings acceptance) down to s_end, on a geometric or an
+energy-guided (M13) schedule. The posterior mean (M4) and blind estimation are aebm.py's.
 """
 
 import argparse
@@ -36,7 +31,6 @@ import aebm
 import covariances as cv
 import data
 import nets
-import train
 
 S_MAX_PRIOR = 25.0 ** 2  # missing coordinates start the reverse diffusion from this variance (docs/method.md §6)
 
@@ -55,12 +49,9 @@ def adaptive_level(s, score_log_s, s_target_mean_log, s_floor, s_ceiling):
     bisection on log gamma) so that mean log s' reaches s_target_mean_log; s' in [s_floor, s_ceiling]
     and s' <= s (monotone). Coordinates whose energy drops fastest as s shrinks go first.
 
-    The bounds keep the predictor's steps small (reverse_diffusion sets them): s' >= s / R (no
-    coordinate falls by more than a factor R per level) and s' <= s_end R^(levels left) (every
-    coordinate can still reach s_end at that pace). Unbounded, M13 leaves some coordinates at the
-    prior's scale until the last level, and one Euler-Maruyama step of Delta s ~ 1 adds noise of std 1
-    where the posterior's is ~0.03 (docs/method.md §6). Float64: the bisection compares means of ~1e4
-    log-variances (docs/precision.md)."""
+    The bounds (reverse_diffusion sets them) keep the pace: no coordinate falls by more than a factor R
+    per level, and each can still reach s_end at that pace (why: docs/method.md §6, M13). Float64: the
+    bisection compares means of ~1e4 log-variances (docs/precision.md)."""
     dtype = s.dtype
     s, score_log_s, s_floor, s_ceiling = s.double(), score_log_s.double(), s_floor.double(), s_ceiling.double()
     dE_ds = (score_log_s / s).clamp_min(0)  # dE/ds = (dE/dlog s) / s
@@ -94,15 +85,12 @@ def langevin(energy, z, z_obs, s_y, s, basis, n_steps=1, method="ula", eta=0.15,
     basis coordinates z = U y (z_obs = U y~): no step leaves the basis, so the products with s never
     see a pixel-space rounding (docs/precision.md).
 
-    Proposal: z' = z + eta P g(z) + sqrt(2 eta tau) P^{1/2} zeta, g = grad log pi, with the
-    preconditioner P = s (s_y - s) / s_y, i.e. (Sigma^{-1} + (Sigma_y - Sigma)^{-1})^{-1}: it equals
-    Sigma wherever Sigma_y >> Sigma (docs/method.md §6) and avoids the stiffness of the likelihood
-    term where Sigma ~ Sigma_y; coordinates with s = s_y (pinned to y~) do not move.
-    ULA accepts always; MALA accepts with min(1, pi(z') q(z|z') / (pi(z) q(z'|z))) using the actual
-    proposal density, so it leaves pi exactly invariant for any tau. `state` = (E, dE/dz) of z if
-    known: MALA and ULA then cost one energy evaluation per step. precond="sigma" uses P = Sigma
-    instead (kept to show why not: tests/test_sample.py). `log_alphas`, a list, receives MALA's
-    log acceptance ratio (B,) of every step. Returns (z, state, accept rate).
+    Proposal: z' = z + eta P g(z) + sqrt(2 eta tau) P^{1/2} zeta, g = grad log pi, preconditioned by
+    P = s (s_y - s) / s_y = (Sigma^{-1} + (Sigma_y - Sigma)^{-1})^{-1}: Sigma wherever Sigma_y >> Sigma,
+    and stable where Sigma ~ Sigma_y (docs/method.md §8). ULA accepts always; MALA with the actual
+    proposal density, exact for any tau. `state` = (E, dE/dz) of z if known: a step then costs one
+    evaluation. precond="sigma" is P = Sigma (to show why not: tests/test_sample.py). `log_alphas`, a
+    list, receives MALA's log acceptance ratios. Returns (z, state, accept rate).
     """
     cov = cv.Covariance(s, basis, check=False)
     gap = (s_y - s).clamp_min(0)
@@ -156,13 +144,14 @@ def initial_state(z_obs, s_y, s0, mu, basis, generator=None):
 
 
 def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_PRIOR, corrector="ula",
-                      n_corrector=1, eta=0.15, tau=0.9, schedule="geometric", generator=None, record=False):
+                      n_corrector=1, eta=0.15, tau=0.9, schedule="geometric", generator=None, record=False,
+                      progress=None):
     """Posterior samples for the observation (y_obs, cov_y) by reverse anisotropic diffusion, run on
     the basis coordinates z = U y of Sigma_y's basis (images come back in pixels).
 
     Returns a namespace: x (the sample at s_end), x_mean (its Tweedie denoising), acceptance
     (mean corrector acceptance; 1 for ULA), evaluations (energy evaluations), and, with record,
-    the list of variance maps s_t."""
+    the list of variance maps s_t. progress: called with the evaluations of each level (data.Progress)."""
     basis, s_y = cov_y.basis, cov_y.s
     s_end_t = torch.full_like(s_y, s_end)
     s0 = s_y.clamp(max=s_max)
@@ -177,6 +166,7 @@ def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_
     ratio = (s0.max().item() / s_end) ** (2 / levels) if schedule == "adaptive" else None
     trace, acceptance, evaluations = ([s] if record else None), [], 1
     for t in range(levels):
+        done = evaluations
         if schedule == "geometric":
             s_next = geometric_level(s0, s_end, t + 1, levels)
         elif schedule == "adaptive":
@@ -205,6 +195,8 @@ def reverse_diffusion(energy, y_obs, cov_y, levels=600, s_end=1e-6, s_max=S_MAX_
                 evaluations += 1
         if record:
             trace.append(s)
+        if progress:
+            progress(evaluations - done)
     x_mean = cov_y.Uh(z - s * score)  # (M4) Tweedie at the last level (s <= s_max: no cancellation)
     return SimpleNamespace(x=cov_y.Uh(z), x_mean=x_mean, acceptance=sum(acceptance) / max(len(acceptance), 1),
                            evaluations=evaluations, trace=trace)
@@ -337,15 +329,16 @@ def observe(args, x, mean, generator):
 
 
 def observed_problem(args, energy, y_obs, missing=None):
-    """(y~, Sigma_y, estimates) for a measurement y_obs that came as it is (--observed), with no truth.
+    """(y~, Sigma_y, estimates, degradation) for a measurement y_obs that came as it is (--observed), no truth.
     A degradation parameter left unset (--noise, --blur-std) is estimated blindly: the candidate that
     minimises -log p(y_obs) under the normalized energy (aebm.degradation_nll). estimates: {name: value}."""
     mean, shape = aebm.energy_mean(energy), y_obs.shape
     kw = dict(dtype=y_obs.dtype, device=y_obs.device)
     noises = NOISES if args.noise is None else [args.noise]
+    stds = BLUR_STDS if args.blur_std is None else [args.blur_std]
+    progress = data.Progress("blind estimation", len(noises) * (len(stds) if args.task == "deblur" else 1), args.quiet)
     if args.task == "deblur":
-        stds = BLUR_STDS if args.blur_std is None else [args.blur_std]
-        _, b, sigma = aebm.blind_deblur(energy, y_obs, stds, noises, args.basis, mean)
+        _, b, sigma = aebm.blind_deblur(energy, y_obs, stds, noises, args.basis, mean, progress)
         b, sigma = float(b[0]), float(sigma[0])
         prob, estimates = cv.blur_problem(shape, b, sigma, args.basis, **kw), dict(blur_std=b, noise=sigma)
     else:
@@ -353,12 +346,15 @@ def observed_problem(args, energy, y_obs, missing=None):
         make = {"denoise": lambda s: cv.denoising_problem(shape, s, **kw),
                 "inpaint": lambda s: cv.inpainting_problem(missing, shape[1], s, kw["dtype"]),
                 "sr": lambda s: cv.sr_problem(shape, r, r * s, "dct", **kw)}[args.task]
-        nll = [aebm.degradation_nll(energy, y_obs, make(s), mean, observed_only=args.task != "denoise").sum().item()
-               for s in noises]
+        nll = []
+        for s in noises:
+            nll.append(aebm.degradation_nll(energy, y_obs, make(s), mean, observed_only=args.task != "denoise").sum().item())
+            progress(1)
         sigma = noises[min(range(len(noises)), key=nll.__getitem__)]
         prob, estimates = make(sigma), dict(noise=sigma)
+    progress.close()
     y, cov = prob.to_denoising(y_obs, mean)
-    return y, cov, estimates
+    return y, cov, estimates, prob
 
 
 def blind_estimate(args, energy, y, y_obs, shape, device, dtype, report):
@@ -370,13 +366,16 @@ def blind_estimate(args, energy, y, y_obs, shape, device, dtype, report):
     if args.task == "inpaint" and args.mask == "box":
         H = shape[-1]
         sizes = sorted({max(1, round(H * f)) for f in (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)})
-        grid, est_a, est_noise = aebm.blind_inpaint(energy, y, shape[1], sizes, noises, args.missing_var)
+        progress = data.Progress("blind estimation", len(sizes) * len(noises), args.quiet)
+        grid, est_a, est_noise = aebm.blind_inpaint(energy, y, shape[1], sizes, noises, args.missing_var, progress)
         true, name, axes = (args.box_size if args.box_size is not None else H // 2, args.noise), "box size", (sizes, noises)
     elif args.task == "deblur":
-        grid, est_a, est_noise = aebm.blind_deblur(energy, y_obs, BLUR_STDS, noises, args.basis, mean)
+        progress = data.Progress("blind estimation", len(BLUR_STDS) * len(noises), args.quiet)
+        grid, est_a, est_noise = aebm.blind_deblur(energy, y_obs, BLUR_STDS, noises, args.basis, mean, progress)
         true, name, axes = (args.blur_std, args.noise), "blur std", (BLUR_STDS, noises)
     else:
         raise ValueError("--blind is implemented for --task inpaint --mask box and --task deblur")
+    progress.close()
     estimates = list(zip(est_a.tolist(), est_noise.tolist()))
     print(f"blind estimation over {len(axes[0])} x {len(axes[1])} candidates ({name} x noise):")
     print(f"  true      {name} {true[0]}, noise {true[1]}")
@@ -397,29 +396,47 @@ def blind_estimate(args, energy, y, y_obs, shape, device, dtype, report):
 
 
 def restore(args, energy, y, cov_y, device, generator, report):
-    """The posterior mean (M4) and --samples draws of the posterior by reverse diffusion; returns
-    (x_hat, samples)."""
+    """(the posterior mean (M4), --samples posterior samples by reverse diffusion)."""
     x_hat = aebm.posterior_mean(energy, y, cov_y)
     report["evaluations"] = 1
     if args.sampler == "mean":
         return x_hat, []
     use_graph = device.type == "cuda" and args.cuda_graph  # launches, not arithmetic, set a GPU evaluation's pace
     sampler_energy = CudaGraphEnergy(energy, cov_y.U(y), cov_y) if use_graph else energy
+    per_level = 1 + args.correctors + (args.sampler == "adaptive" and args.correctors > 0)  # as reverse_diffusion counts
+    progress = data.Progress(f"{args.sampler} sampling", args.samples * args.steps * per_level, args.quiet)
     samples, acceptance = [], []
     for _ in range(args.samples):
         res = reverse_diffusion(sampler_energy, y, cov_y, levels=args.steps, s_end=args.s_end,
                                 corrector="mala" if args.sampler == "mala" else "ula", n_corrector=args.correctors,
-                                eta=args.eta, tau=args.tau,
-                                schedule="adaptive" if args.sampler == "adaptive" else "geometric", generator=generator)
+                                eta=args.eta, tau=args.tau, schedule="adaptive" if args.sampler == "adaptive" else
+                                "geometric", generator=generator, progress=progress)
         samples.append(res.x_mean)
         acceptance.append(res.acceptance)
+    progress.close()
     report["evaluations"], report["acceptance"] = res.evaluations, acceptance
     return x_hat, samples
 
 
+def evidence_check(args, energy, config, y_obs, prob):
+    """Does the model explain the photograph better than a 1/f Gaussian fitted to it (aebm.evidence)? Both
+    evidences, and a warning if not. Denoising and deblurring only: a mask is not diagonal in the DCT, and
+    under SR the learned energies' normalization misled the verdict (docs/results.md §5)."""
+    if args.task not in ("denoise", "deblur") or prob.basis == "fft":
+        return None
+    model, gaussian, _ = aebm.evidence(energy, y_obs, prob)
+    print(f"evidence, -log p(observation) per dimension: model {model:.4f} nats, 1/f Gaussian fitted to this "
+          f"image {gaussian:.4f} nats")
+    if model > gaussian:  # one line: what it learned, what it means, what to do
+        print(f"warning: the model explains this image worse than a Gaussian fitted to it: it learned "
+              f"{config['dataset'] + ' images' if config else 'another kind of image'}, and "
+              "its restoration may be worse than a classical one; for a prior of pictures like this, train one: python "
+              "train.py --preset photos --dataset folder --data-dir YOUR_PICTURES")
+    return {"model": model, "gaussian_1/f": gaussian}
+
+
 def score(report, x, y_obs, x_hat, samples):
-    """PSNR and SSIM against the truth x: of the observation (the baseline any restoration must beat), of
-    the posterior mean and of the samples (means over images)."""
+    """PSNR and SSIM against the truth x of the observation (the baseline to beat), mean and samples."""
     report["psnr_observation"] = data.psnr(y_obs, x).mean().item()
     report["psnr_mean"], report["ssim_mean"] = data.psnr(x_hat, x).mean().item(), data.ssim(x_hat, x).mean().item()
     if samples:
@@ -427,7 +444,7 @@ def score(report, x, y_obs, x_hat, samples):
         report["ssim_samples"] = torch.stack([data.ssim(s, x) for s in samples]).mean().item()
 
 
-def in_dtype(y, y_obs, cov_y, dtype):
+def in_dtype(y, y_obs, cov_y, dtype):  # the observation, drawn in float64, in the run's dtype
     return y.to(dtype), y_obs.to(dtype), cv.Covariance(cov_y.s.to(dtype), cov_y.basis)
 
 
@@ -450,11 +467,12 @@ def main(argv=None):
     x = ds.get_batch(args.n, torch.Generator().manual_seed(10_000 + args.seed)).to(device, dtype)
     report, t0 = {"task": args.task, "sampler": args.sampler, "prior": args.prior, "dtype": args.dtype}, time.time()
     if args.task == "uncond":
-        res = generate(energy, x.shape, levels=args.steps, s_end=args.s_end, generator=g,
+        progress = data.Progress("generation", args.steps * (1 if args.sampler == "mean" else 2), args.quiet)
+        res = generate(energy, x.shape, levels=args.steps, s_end=args.s_end, generator=g, progress=progress,
                        corrector=None if args.sampler == "mean" else ("mala" if args.sampler == "mala" else "ula"))
+        progress.close()
         rows, samples = [res.x_mean], [res.x_mean]
     else:
-        # the observation is drawn in float64 and cast, so --dtype float64 restores exactly the same data
         y, cov_y, y_obs, _ = observe(args, x.double(), aebm.energy_mean(energy), g)
         y, y_obs, cov_y = in_dtype(y, y_obs, cov_y, dtype)
         if args.blind:
@@ -483,7 +501,7 @@ def restore_file(args, device, dtype):
     restored as it is). The image keeps its own size: padded to what the UNet takes (half-sample-
     symmetric reflection, the DCT's boundary) and cropped back; the outputs are PNGs at that size."""
     observed, path = args.observed is not None, args.observed or args.input
-    energy, channels, factor = None, args.channels, 1
+    energy, config, channels, factor = None, None, args.channels, 1
     if args.prior == "model":
         energy, config = load_model(args, device)
         channels, factor = config["channels"], energy.net.factor  # the UNet halves the image (levels - 1) times
@@ -509,9 +527,9 @@ def restore_file(args, device, dtype):
         if args.task == "inpaint":
             hole = data.read_mask(args.mask_file, h, w) if args.mask_file else build_task(args, (1, 1, h, w), device, dtype)
             missing = data.pad_symmetric(hole.float(), factor).to(device) > 0.5
-        y, cov_y, report["estimates"] = observed_problem(args, energy, x, missing)
-        y_obs = x
+        (y, cov_y, report["estimates"], prob), y_obs = observed_problem(args, energy, x, missing), x
         print(f"estimated degradation: {report['estimates']}")
+        report["evidence"] = evidence_check(args, energy, config, x, prob)
     else:
         y, cov_y, y_obs, _ = observe(args, x, aebm.energy_mean(energy), g)
     y, y_obs, cov_y = in_dtype(y, y_obs, cov_y, dtype)
@@ -542,7 +560,7 @@ def load_model(args, device):
     if not os.path.exists(args.ckpt):
         raise FileNotFoundError(f"no checkpoint at {args.ckpt}: run `python train.py` first (a few minutes on a "
                                 "CPU), pass --ckpt, or use --prior exact to run with the exact Gaussian prior")
-    return train.load_energy(args.ckpt, device)
+    return nets.load_energy(args.ckpt, device)
 
 
 def load_prior(args, device, image_size=None):
@@ -565,9 +583,9 @@ def load_prior(args, device, image_size=None):
         config = dict(dataset=name, img_size=size, channels=ds.channels, spectral_basis=basis)
         return aebm.fit_gaussian(x, basis).to(device), config, ds
     energy, config = load_model(args, device)
-    name = args.dataset or config["dataset"]
-    leaf_radii = config.get("leaf_radii") if name == config["dataset"] else None  # the dead leaves it was trained on
-    ds = data.load_dataset(name, config["img_size"], config["channels"], args.data_dir, "test", leaf_radii)
+    if args.dataset in (None, config["dataset"]):  # the data it was trained on: the same leaves, crops, folder
+        return energy, config, data.dataset_for(config, "test", args.data_dir)
+    ds = data.load_dataset(args.dataset, config["img_size"], config["channels"], args.data_dir, "test")
     return energy, config, ds
 
 
@@ -614,6 +632,7 @@ def parse_args(argv=None):
     a.add_argument("--samples", type=int, default=1, help="posterior samples per image")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="precision of inference (the weights are cast to it); float64 is the reference (docs/precision.md)")
+    a.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a.add_argument("--cuda-graph", type=int, default=1, choices=[0, 1],
                    help="1: on CUDA, the samplers replay each evaluation as a captured CUDA graph")
 
@@ -648,32 +667,26 @@ def check_args(p, args):
     for flag, value in positive:
         if not (math.isfinite(value) and value > 0):
             p.error(f"{flag} must be positive, got {value}")
-    if args.correctors < 0:
-        p.error(f"--correctors must be 0 or more, got {args.correctors}")
-    if args.eta > 1:
-        p.error(f"--eta {args.eta} is too large: a corrector step of more than 1 overshoots (default 0.15)")
-    if args.tau > 10:
-        p.error(f"--tau {args.tau} is too large: it scales the proposal noise (1 is exact, default 0.9)")
-    if not 0 < args.ratio < 1:
-        p.error(f"--ratio must be in (0, 1), got {args.ratio}")
-    if args.channels not in (1, 3):
-        p.error(f"--channels must be 1 or 3, got {args.channels}")
-    if args.task == "uncond" and (args.blind or args.input or args.observed):
-        p.error("--task uncond generates images: it takes no --blind, --input or --observed")
-    if args.input and args.observed:
-        p.error("pass either --input (a clean image to degrade) or --observed (a degraded photo), not both")
-    if args.prior == "fitted" and (args.input or args.observed):
-        p.error("--prior fitted is fitted at its dataset's image size: use it with dataset images, not --input/--observed")
-    if args.mask_file and args.task != "inpaint":
-        p.error("--mask-file is for --task inpaint")
-    if args.observed and args.task == "sr" and args.basis == "fft":
-        p.error("--observed with --task sr upscales in the DCT basis (a photo is not periodic): drop --basis fft")
     noise = args.noise if args.noise is not None else 0.05
-    if args.s_end is not None and args.task != "uncond" and args.s_end >= noise ** 2 and not args.observed:
-        p.error(f"--s-end {args.s_end} must be below the noise variance {noise ** 2:g} (--noise {noise})")
-    if args.device is not None and nets.device_error(args.device):
-        p.error(f"--device {nets.device_error(args.device)}")
-
+    for bad, message in [
+        (args.correctors < 0, f"--correctors must be 0 or more, got {args.correctors}"),
+        (args.eta > 1, f"--eta {args.eta} is too large: a corrector step of more than 1 overshoots (default 0.15)"),
+        (args.tau > 10, f"--tau {args.tau} is too large: it scales the proposal noise (1 is exact, default 0.9)"),
+        (not 0 < args.ratio < 1, f"--ratio must be in (0, 1), got {args.ratio}"),
+        (args.channels not in (1, 3), f"--channels must be 1 or 3, got {args.channels}"),
+        (args.task == "uncond" and bool(args.blind or args.input or args.observed),
+         "--task uncond generates images: it takes no --blind, --input or --observed"),
+        (bool(args.input and args.observed), "pass either --input (a clean image to degrade) or --observed (a degraded photo), not both"),
+        (args.prior == "fitted" and bool(args.input or args.observed),
+         "--prior fitted is fitted at its dataset's image size: use it with dataset images, not --input/--observed"),
+        (bool(args.mask_file) and args.task != "inpaint", "--mask-file is for --task inpaint"),
+        (bool(args.observed) and args.task == "sr" and args.basis == "fft",
+         "--observed with --task sr upscales in the DCT basis (a photo is not periodic): drop --basis fft"),
+        (args.s_end is not None and args.task != "uncond" and args.s_end >= noise ** 2 and not args.observed,
+         f"--s-end {args.s_end} must be below the noise variance {noise ** 2:g} (--noise {noise})"),
+        (args.device is not None and nets.device_error(args.device) is not None, f"--device {nets.device_error(args.device or 'cpu')}")]:
+        if bad:
+            p.error(message)
 
 def cli():
     """`python sample.py ...`: errors of the user's making as one line, not a traceback."""

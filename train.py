@@ -5,11 +5,9 @@ Training: dual score matching (docs/method.md §4, §5) in one plain loop.
     python train.py --preset hour                          # the model docs/results.md measures
     torchrun --nproc_per_node=8 train.py --dataset imagenet64 --data-dir DIR   # the paper's run
 
-The file reads top to bottom: presets, flags, one training step, the loop, then the named steps the
-loop calls (set-up, checkpoints, validation) and what a cluster does to a run. Each step draws
-clean images x, one covariance per image (covariances.sample_training_covariances, docs/method.md §2)
-and noise, and minimises L = L_DSM + lam L_CSM (aebm.dual_score_loss, M8); --lam 0 is single
-(DSM-only) score matching.
+The file reads top to bottom: presets, flags, one training step, the loop, then the steps it calls
+(set-up, checkpoints, validation) and what a cluster does to a run. Each step draws images x, one
+covariance per image (docs/method.md §2) and noise, and minimises L = L_DSM + lam L_CSM (M8).
 
 Distributed: torchrun starts one process per device (NCCL on CUDA, gloo on CPU), each rank with its
 own share of the batch and its own seeds; gradients are averaged by one explicit all_reduce, not the
@@ -57,15 +55,12 @@ PRESETS = {
                        ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=False, tf32=True,
                        dsm_weight="none", p_hole=0.0, lam=1.0),
 }
-# The paper's losses over the full range of variances (the imagenet64 preset's: M5 as written, independent mask
-# variances from S_MIN), as flags. The validation experiments on the Gaussian field train with them, whatever the
-# quick preset tunes for images; each passes its own --lam.
+# hour's recipe on random 32x32 crops of a folder of photographs at their own resolution (README, Your own images):
+# the prior that sample.py --observed needs to restore such photographs whole.
+PRESETS["photos"] = dict(PRESETS["hour"], crop="random", img_size=32)
+# The paper's losses over the full range of variances (the imagenet64 preset's), as flags: the validation
+# experiments on the Gaussian field train with them; each passes its own --lam.
 PAPER_LOSSES = ["--dsm-weight", "none", "--p-hole", "0", "--s-range", str(cv.S_MIN), str(cv.S_MAX)]
-LOG_COLUMNS = ["step", "split", "loss_dsm", "loss_csm", "lr", "grad_norm", "img_per_s", "elapsed_s"] + [
-    f"{kind}_{task}" for task in ("denoise", "inpaint", "deblur", "sr") for kind in ("psnr", "wiener", "observed")
-] + ["blind_inpaint"]
-# What a checkpoint must agree on to be resumed or sampled from with this code path.
-ARCHITECTURE_KEYS = ("dataset", "img_size", "channels", "config", "dtype")
 
 
 # -----------------------------------------------------------------------------
@@ -95,6 +90,11 @@ def build_parser():
     a.add_argument("--channels", type=int, default=3, help="1 or 3 (built-in datasets and image folders)")
     a.add_argument("--leaf-radii", type=float, nargs=2, default=None, metavar=("R_MIN", "R_MAX"),
                    help="dead leaves: smallest and largest disk radius in pixels (default 1 and IMG_SIZE/3)")
+    a.add_argument("--crop", default=None, choices=["center", "random"],
+                   help="--dataset folder: each file's centred square resized to --img-size (default), or random "
+                        "--img-size crops at the photographs' own resolution (preset photos)")
+    a.add_argument("--scale", type=float, default=1.0,
+                   help="with --crop random: shrink every photograph by this factor (0 < SCALE <= 1) before cropping")
     a.add_argument("--config", default=None, help=f"network, one of {sorted(nets.CONFIGS)} (preset: small / paper64)")
     a.add_argument("--dropout", type=float, default=None, help="dropout rate of the UNet (default: the config's)")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
@@ -155,6 +155,7 @@ def parse_args(argv=None):
         args.dropout = nets.CONFIGS[args.config]["dropout"]
     if args.leaf_radii is not None:
         args.leaf_radii = tuple(args.leaf_radii)
+    args.crop = args.crop or "center"
     args.s_range = tuple(args.s_range or (cv.S_MIN, cv.S_MAX))
     check_args(p, args)
     return args
@@ -186,6 +187,10 @@ def check_args(p, args):
         p.error(f"--s-range must be two variances 0 < LO < HI with LO < 1, got {lo:g} {hi:g}")
     if not (math.isfinite(args.spectral_noise_max) and args.spectral_noise_max > lo):
         p.error(f"--spectral-noise-max must be above LO of --s-range ({lo:g}), got {args.spectral_noise_max:g}")
+    if args.crop == "random" and args.dataset != "folder":
+        p.error(f"--crop random (and --preset photos) takes crops of an image folder: pass --dataset folder --data-dir DIR")
+    if not 0 < args.scale <= 1 or (args.scale != 1 and args.crop != "random"):
+        p.error(f"--scale must be in (0, 1] and goes with --crop random, got {args.scale:g}")
     if args.resume and args.restart:
         p.error("--resume continues the run in --out and --restart sets it aside: pass one of them")
     if args.device is not None and nets.device_error(args.device):
@@ -220,10 +225,8 @@ def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None
         weight = energy.data_var if args.dsm_weight == "edm" else None
         L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas,
                                                dsm_weight=weight)
-    # Only the parameters' gradients: a plain L.backward() would also carry the gradient on to the other
-    # leaves of the graph, the z and log s that aebm.energy_and_scores differentiates the energy by (through
-    # the whitening, the basis transforms and the first convolution), which nothing reads
-    # (tests/test_train.py checks the gradients are the same).
+    # Only the parameters' gradients: a plain backward would carry on to the z and log s the energy was
+    # differentiated by in the loss, which nothing reads (tests/test_train.py: the same gradients).
     L.backward(inputs=params)
     average_gradients(params, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
@@ -318,8 +321,10 @@ def setup(args):
 def load_data(args, ctx):
     """Training data, held-out images for validation, and the classical baseline validation compares with:
     a Gaussian prior fitted to 512 training images (its posterior mean is the Wiener filter)."""
-    ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "train", args.leaf_radii)
-    val_ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "test", args.leaf_radii)
+    ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "train", args.leaf_radii,
+                           args.crop, args.scale)
+    val_ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "test", args.leaf_radii,
+                               args.crop, args.scale)
     args.channels = ds.channels
     val_x = val_ds.get_batch(args.val_batch, torch.Generator().manual_seed(999_999)).to(ctx.device, ctx.dtype)
     wiener = None
@@ -334,11 +339,12 @@ def build_model(args, ds, ctx):
     flips and covariances; g_noise the noise; torch's global generator (seeded per rank) drives dropout. All
     three are checkpointed; validation draws from none of them. Every rank initialises from the same seed
     and then takes rank 0's tensors: without the DDP wrapper nobody else would synchronise the replicas."""
-    config = {k: getattr(args, k) for k in ARCHITECTURE_KEYS}
+    config = {k: getattr(args, k) for k in nets.ARCHITECTURE_KEYS}
     config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam,
-                  dropout=args.dropout, leaf_radii=args.leaf_radii)
+                  dropout=args.dropout, leaf_radii=args.leaf_radii, crop=args.crop, scale=args.scale,
+                  data_dir=os.path.abspath(args.data_dir) if args.data_dir else None)  # data.dataset_for reads these
     torch.manual_seed(args.seed)
-    energy = build_energy(config, ctx.device)
+    energy = nets.build_energy(config, ctx.device)
     net = energy.net
     if ctx.world > 1:
         for tensor in list(net.parameters()) + list(net.buffers()):
@@ -385,7 +391,7 @@ def checkpoint(m, ctx):
 
 def resume(m, args, ctx):
     """Load the weights, EMA, optimizer, step, data moments and this rank's random streams of OUT/ckpt.pt."""
-    ckpt = load_checkpoint(ctx.ckpt_path, ctx.device)
+    ckpt = nets.load_checkpoint(ctx.ckpt_path, ctx.device)
     check_same_config(ckpt["config"], args, ctx.ckpt_path)
     if ckpt["config"].get("model", "energy") != m.config.get("model", "energy"):
         raise ValueError(f"checkpoint {ctx.ckpt_path} is a plain-denoiser control: resume it with "
@@ -406,7 +412,7 @@ def resume(m, args, ctx):
     if ctx.device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"].cpu())
     if ctx.master:
-        note = restore_log(ctx.log_path, m.step)
+        note = data.restore_log(ctx.log_path, m.step)
         print(f"resumed from {ctx.ckpt_path} at step {m.step}" + (f"; {note}" if note else ""))
 
 
@@ -438,7 +444,7 @@ def protect_previous_run(args, ctx):
 
 def describe_checkpoint(path):
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = nets.load_checkpoint(path)
     except ValueError:
         return "an unreadable ckpt.pt"
     c = ckpt["config"]
@@ -478,22 +484,6 @@ def save_checkpoint(path, state):
                               "Free disk space or fix the directory's permissions, then --resume") from None
 
 
-def load_checkpoint(path, device="cpu"):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py --out {os.path.dirname(path) or '.'})")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it may be corrupt or not an aebm checkpoint") from None
-    expected = ("model", "ema", "opt", "step", "config", "rng")
-    missing = [k for k in expected if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing or not isinstance(ckpt.get("config"), dict) or not all(k in ckpt["config"] for k in ARCHITECTURE_KEYS):
-        what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"a dict without {', '.join(missing) or 'a configuration'}"
-        raise ValueError(f"{path} is not a checkpoint of train.py: it holds {what}; expected a dict with "
-                         f"{', '.join(expected)} (written by `python train.py --out DIR`)")
-    return ckpt
-
-
 def leaf_radii(config):
     """Dead leaves' (r_min, r_max) of a run's or a checkpoint's config, None for other datasets (the default
     radii when none were given, and in checkpoints from before --leaf-radii)."""
@@ -505,38 +495,16 @@ def leaf_radii(config):
 
 def check_same_config(saved, args, path):
     # the network's shape and dtype, and the data it learns
-    diff = {k: (saved.get(k), getattr(args, k)) for k in ARCHITECTURE_KEYS if saved.get(k) != getattr(args, k)}
+    diff = {k: (saved.get(k), getattr(args, k)) for k in nets.ARCHITECTURE_KEYS if saved.get(k) != getattr(args, k)}
     if leaf_radii(saved) != leaf_radii(vars(args)):
         diff["leaf_radii"] = (leaf_radii(saved), leaf_radii(vars(args)))
+    for k, default in (("crop", "center"), ("scale", 1.0)):  # how an image folder becomes training images
+        if saved.get(k, default) != getattr(args, k):
+            diff[k] = (saved.get(k, default), getattr(args, k))
     if diff:
         items = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"checkpoint {path} was trained with another configuration ({items}); "
                          "pass the same flags or a new --out")
-
-
-def build_energy(config, device="cpu"):
-    """The energy model described by a checkpoint's config dict (used by sample.py too)."""
-    net = nets.build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"))
-    net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
-    return aebm.EnergyModel(net, config["data_mean"], config["data_var"])
-
-
-def load_energy(path, device="cpu", use_ema=True):
-    """(energy model in eval mode with the EMA weights, config) from a checkpoint."""
-    ckpt = load_checkpoint(path, device)
-    if ckpt["config"].get("model", "energy") != "energy":
-        raise ValueError(f"{path} holds a plain denoiser, not an energy (experiments/denoiser.py); "
-                         f"measure it with python -m experiments.denoiser --ckpt {path}")
-    energy = build_energy(ckpt["config"], device)
-    try:
-        # a checkpoint from before the learned constant lacks its zero-initialised heads: the same model
-        missing, unexpected = energy.net.load_state_dict(ckpt["ema" if use_ema else "model"], strict=False)
-        if unexpected or any(not k.startswith("offset") for k in missing):
-            raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise ValueError(f"checkpoint {path} does not fit this version's {ckpt['config']['config']!r} network "
-                         f"({str(e).splitlines()[0]}); retrain it with this code") from None
-    return energy.eval(), ckpt["config"]
 
 
 # -----------------------------------------------------------------------------
@@ -552,7 +520,7 @@ def open_log(args, ctx, m):
     f = open(ctx.log_path, "a" if args.resume else "w", newline="")
     writer = csv.writer(f)
     if not args.resume:
-        writer.writerow(LOG_COLUMNS)
+        writer.writerow(data.LOG_COLUMNS)
     now = time.time()
     return SimpleNamespace(file=f, writer=writer, t_start=now, t_last=now, step_last=m.step)
 
@@ -576,7 +544,7 @@ def log_validation(log, args, m, val_x, wiener, lr):
     print(f"step {m.step:7d} | validation (EMA) dsm {v['loss_dsm']:.4f} | csm {v['loss_csm']:.4f}"
           + (f" | dB above Wiener: {above} | blind inpainting {v['blind_inpaint']:.2f}" if above else ""), flush=True)
     log.writer.writerow([m.step, "val", v["loss_dsm"], v["loss_csm"], lr, "", "", time.time() - log.t_start]
-                        + [v.get(k, "") for k in LOG_COLUMNS[8:]])
+                        + [v.get(k, "") for k in data.LOG_COLUMNS[8:]])
     log.file.flush()
     data.save_learning_curves(log.file.name, os.path.join(args.out, "curves.png"))
 
@@ -603,9 +571,8 @@ def update_ema(ema, net, decay, step):
 
 @torch.no_grad()
 def restoration_tasks(x, spectral_basis):
-    """The four restorations validation tracks (sample.py's defaults), as (name, Degradation)
-    on images x: denoising sigma 0.1, a centred half-size box with sigma 0.05, blur b = 1.5 and SR x2
-    with sigma 0.05 in the dataset's spectral basis."""
+    """The four restorations validation tracks, as (name, Degradation) on images x: denoising sigma 0.1, a
+    centred half-size box, blur b = 1.5 and SR x2 with sigma 0.05 (spectral ones in the dataset's basis)."""
     kw = dict(dtype=x.dtype, device=x.device)
     missing = cv.box_mask(x.shape, x.shape[-1] // 2, device=x.device)
     return [("denoise", cv.denoising_problem(x.shape, 0.1, **kw)),
@@ -699,30 +666,6 @@ def agreed_signal(signum, world):
     t = torch.tensor([float(signum or 0)], device=dist_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
-
-
-def restore_log(path, step):
-    """On --resume: log.csv starts with its header and holds each step once. Rows past the checkpoint's
-    step (written, then lost with the process) and rows that cannot be read (a line cut by a kill) are
-    dropped; a missing, empty or header-less log starts again. Written atomically. Returns a one-line
-    note when the log needed more than the usual trim, else None."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    header = bool(rows) and rows[0] == LOG_COLUMNS
-    body = rows[1:] if header else rows
-    width = {"train": 8, "val": len(LOG_COLUMNS)}  # the fields each kind of row is written with
-    readable = [r for r in body if len(r) > 1 and r[0].isdigit() and width.get(r[1]) == len(r)]
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows([LOG_COLUMNS] + [r for r in readable if int(r[0]) <= step])
-    os.replace(path + ".tmp", path)
-    if not rows:
-        return f"{path} was missing or empty: a new log starts at step {step}"
-    if not header or len(readable) < len(body):
-        lost = len(body) - len(readable)
-        return f"{path} had {'no header' if not header else 'unreadable rows'}: repaired, {lost} unreadable rows dropped"
-    return None
 
 
 def average_gradients(params, world):

@@ -78,8 +78,8 @@ class Denoiser(nn.Module):
 
 
 def build_denoiser(config, device="cpu"):
-    """train.build_energy's counterpart: the same network, wrapped as a Denoiser; the checkpoint's config
-    records it (train.load_energy refuses such a checkpoint: it is not an energy)."""
+    """nets.build_energy's counterpart: the same network, wrapped as a Denoiser; the checkpoint's config
+    records it (nets.load_energy refuses such a checkpoint: it is not an energy)."""
     config["model"] = "denoiser"
     net = nets.build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"))
     net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
@@ -88,7 +88,7 @@ def build_denoiser(config, device="cpu"):
 
 def load_denoiser(path, device="cpu"):
     """(Denoiser with the EMA weights, config) from a checkpoint this script wrote."""
-    ckpt = train.load_checkpoint(path, device)
+    ckpt = nets.load_checkpoint(path, device)
     if ckpt["config"].get("model") != "denoiser":
         raise ValueError(f"{path} is an energy checkpoint; measure it with python -m experiments.learning --ckpt {path}")
     denoiser = build_denoiser(dict(ckpt["config"]), device)
@@ -100,8 +100,7 @@ def evaluate(path, n=32, seed=0):
     """experiments.learning's restoration table, inpainting split and denoising along the noise axis for a
     denoiser checkpoint (no blind tasks: they need a normalized energy)."""
     denoiser, config = load_denoiser(path)
-    x, wiener = learning.held_out_and_fitted(config["dataset"], config["img_size"], config["channels"],
-                                             config["spectral_basis"], n, seed, config.get("leaf_radii"))
+    x, wiener = learning.held_out_and_fitted(config, n, seed)
     return dict(psnr=train.restoration_psnr(denoiser, wiener, x, config["spectral_basis"], seed),
                 inpaint_split=learning.inpainting_split(denoiser, wiener, x, seed=seed),
                 by_noise=learning.denoising_by_noise(denoiser, wiener, x, config["spectral_basis"], seed=seed),
@@ -121,11 +120,11 @@ def main(argv=None):
         raise SystemExit("the denoiser is not an energy: it trains with A-DSM alone (--lam 0, the default here)")
     # train.py's loop, data, covariances, loss, checkpoints and resume, with this wrapper around the network
     # (in-training validation: its restoration PSNRs are the denoiser's; its blind column and A-CSM are meaningless)
-    build_energy, train.build_energy = train.build_energy, build_denoiser
+    build_energy, nets.build_energy = nets.build_energy, build_denoiser
     try:
         train.main(argv + ["--lam", "0"] + ([] if "--out" in argv else ["--out", "runs/denoiser"]))
     finally:
-        train.build_energy = build_energy
+        nets.build_energy = build_energy
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 import aebm
 import covariances as cv
 import data
+import nets
 import sample
 import train
 
@@ -40,7 +41,7 @@ def train_pair(size, config, steps, out, seed=0, batch=16, lr=1e-3, restart=Fals
                     "--decay", "step", "--decay-every", str(max(steps // 2, 1)), "--eval-every", str(10 * steps),
                     "--log-every", str(max(steps // 4, 1)), "--out", run_dir, "--lam", lam, "--seed", str(seed),
                     "--device", "cpu", "--val-batch", "4", *train.PAPER_LOSSES, *(["--restart"] if restart else [])])
-        models[name] = train.load_energy(os.path.join(run_dir, "ckpt.pt"))[0]
+        models[name] = nets.load_energy(os.path.join(run_dir, "ckpt.pt"))[0]
     return models
 
 

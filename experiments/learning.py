@@ -28,6 +28,7 @@ import torch
 import aebm
 import covariances as cv
 import data
+import nets
 import sample
 import train
 
@@ -44,18 +45,19 @@ def blind_deblurring_accuracy(energy, x, basis, seed=0):
     return hits / total
 
 
-def held_out_and_fitted(name, size, channels, basis, n=32, seed=0, leaf_radii=None):
+def held_out_and_fitted(config, n=32, seed=0):
     """The n held-out images every comparison here uses, and the classical prior: a Gaussian fitted to 512
-    training images (its posterior mean is the Wiener filter). leaf_radii: dead leaves' (train.py --leaf-radii)."""
-    x = data.load_dataset(name, size, channels, None, "test", leaf_radii).get_batch(n, torch.Generator().manual_seed(31_337 + seed))
-    fit = data.load_dataset(name, size, channels, None, "train", leaf_radii).get_batch(512, torch.Generator().manual_seed(777_777))
-    return x, aebm.fit_gaussian(fit.double(), basis).float()
+    training images (its posterior mean is the Wiener filter). config: a checkpoint's, or any dict with
+    dataset, img_size, channels, spectral_basis (and leaf_radii, crop, data_dir: data.dataset_for)."""
+    x = data.dataset_for(config, "test").get_batch(n, torch.Generator().manual_seed(31_337 + seed))
+    fit = data.dataset_for(config, "train").get_batch(512, torch.Generator().manual_seed(777_777))
+    return x, aebm.fit_gaussian(fit.double(), config["spectral_basis"]).float()
 
 
 def evaluate(path, n=32, seed=0, wiener_blind=False, split=False, by_noise=False):
-    energy, config = train.load_energy(path)
+    energy, config = nets.load_energy(path)
     name, size, channels, basis = config["dataset"], config["img_size"], config["channels"], config["spectral_basis"]
-    x, wiener = held_out_and_fitted(name, size, channels, basis, n, seed, config.get("leaf_radii"))
+    x, wiener = held_out_and_fitted(config, n, seed)
     psnr = train.restoration_psnr(energy, wiener, x, basis, seed)
     res = dict(psnr=psnr, blind_inpaint=train.blind_inpainting_accuracy(energy, x, seed),
                blind_deblur=blind_deblurring_accuracy(energy, x, basis, seed), config=config, n=n)

@@ -29,6 +29,7 @@ import torch
 import aebm
 import covariances as cv
 import data
+import nets
 import sample
 import train
 
@@ -44,7 +45,7 @@ def train_model(out, lam, steps, size=16, config="small", batch=16, seed=0, extr
                 "--val-batch", "4",
                 # the paper's losses, at the learning rate every figure in docs/results.md §2 was measured with
                 "--lr", "1e-3", *train.PAPER_LOSSES, *extra])
-    return train.load_energy(os.path.join(out, "ckpt.pt"))[0]
+    return nets.load_energy(os.path.join(out, "ckpt.pt"))[0]
 
 
 def exact64(prior):
@@ -158,7 +159,7 @@ if __name__ == "__main__":
                         "EMA over ~1000 steps, docs/results.md §2)")
     a = p.parse_args()
     if a.ckpt:
-        models = {c.split("=")[0]: train.load_energy(c.split("=", 1)[1])[0] for c in a.ckpt}
+        models = {c.split("=")[0]: nets.load_energy(c.split("=", 1)[1])[0] for c in a.ckpt}
     else:
         extra = a.extra.split() + (["--restart"] if a.restart else [])
         models = {name: train_model(os.path.join(a.out, name), lam, a.steps, extra=extra)

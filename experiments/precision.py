@@ -22,6 +22,7 @@ import torch
 import aebm
 import covariances as cv
 import data
+import nets
 import sample
 
 # (name, sample.py flags) of every task the float32 checks cover.
@@ -57,17 +58,15 @@ def compare(energy, x64, argv, noise, seed=0):
 
 
 def main(argv=None):
-    import train
-
     p = argparse.ArgumentParser(description="Posterior means in float32 against float64, every task.")
     p.add_argument("--ckpt", default="runs/quick/ckpt.pt", help="checkpoint from train.py")
     p.add_argument("--noise", type=float, default=0.05, help="measurement noise std")
     p.add_argument("--n", type=int, default=8, help="held-out images")
     a = p.parse_args(argv)
-    energy, config = train.load_energy(a.ckpt)
-    ds = data.load_dataset(config["dataset"], config["img_size"], config["channels"], None, "test", config.get("leaf_radii"))
+    energy, config = nets.load_energy(a.ckpt)
+    ds = data.dataset_for(config, "test")
     x64 = ds.get_batch(a.n, torch.Generator().manual_seed(10_000)).double()
-    gauss = train.build_energy(config)  # a fresh network: zero output layer, F = 0 (M3's Gaussian limit)
+    gauss = nets.build_energy(config)  # a fresh network: zero output layer, F = 0 (M3's Gaussian limit)
     print(f"{config['dataset']} {tuple(x64.shape[1:])}, sigma_n = {a.noise}, {a.n} images")
     print(f"{'task':18s} {'model f32':>10s} {'model f64':>10s} {'max |diff|':>11s} {'F=0 f32':>9s} {'F=0 f64':>9s} "
           f"{'max |diff|':>11s}")

@@ -35,6 +35,7 @@ import torch
 import aebm
 import covariances as cv
 import data
+import nets
 import sample
 
 # -----------------------------------------------------------------------------
@@ -352,8 +353,6 @@ def markdown(table, exact):
 
 
 def main(argv=None):
-    import train
-
     p = argparse.ArgumentParser(description="Every solver against the exact posterior (paper Table 1, Fig. 4).")
     p.add_argument("--dataset", default="gaussian", help="gaussian (exact posterior known) or any train.py dataset")
     p.add_argument("--prior", default="model", choices=["model", "exact"], help="exact: the Gaussian field's own energy")
@@ -368,7 +367,7 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="run the peers' step-size grid instead")
     a = p.parse_args(argv)
     if a.ckpt:
-        energy, config = train.load_energy(a.ckpt)
+        energy, config = nets.load_energy(a.ckpt)
         size, channels, name = config["img_size"], config["channels"], a.dataset if a.dataset != "gaussian" else config["dataset"]
         basis = config.get("spectral_basis", "dct")
         leaf_radii = config.get("leaf_radii") if name == config["dataset"] else None

@@ -31,6 +31,7 @@ import torch
 
 import covariances as cv
 import data
+import nets
 import train
 from experiments.learning import held_out_and_fitted
 
@@ -109,14 +110,13 @@ def run(n=32, n_tune=16, seed=0, iters=1000, ckpt=None, dataset="deadleaves", si
         noise=None, leaf_radii=None):
     """{task: dict(tv=, wiener=, observed=, model= (with ckpt), lam=)} in dB, mean over the held-out images.
     leaf_radii: dead leaves' smallest and largest radius (train.py --leaf-radii); a checkpoint brings its own."""
-    energy = None
+    energy, config = None, dict(dataset=dataset, img_size=size, channels=channels, spectral_basis=basis,
+                                leaf_radii=leaf_radii)
     if ckpt is not None:
-        energy, config = train.load_energy(ckpt)
-        dataset, size, channels, basis = config["dataset"], config["img_size"], config["channels"], config["spectral_basis"]
-        leaf_radii = config.get("leaf_radii")
-    x, wiener = held_out_and_fitted(dataset, size, channels, basis, n, seed, leaf_radii)  # as experiments/learning.py
-    x_tune = data.load_dataset(dataset, size, channels, None, "train", leaf_radii).get_batch(  # tuning: training images
-        n_tune, torch.Generator().manual_seed(4_242 + seed))
+        energy, config = nets.load_energy(ckpt)
+        basis = config["spectral_basis"]
+    x, wiener = held_out_and_fitted(config, n, seed)  # as experiments/learning.py
+    x_tune = data.dataset_for(config, "train").get_batch(n_tune, torch.Generator().manual_seed(4_242 + seed))  # tuning
     lams = [0.002 * 1.5 ** k for k in range(14)]  # 0.002 ... 0.39; below ~0.005 deblurring needs > 2000 iterations
     if noise is not None and noise < 0.05:  # smaller noise, smaller lam (and more iterations to converge)
         lams = [lam * noise / 0.05 for lam in lams]

@@ -76,13 +76,13 @@ def test_a_denoiser_run_trains_resumes_is_measured_and_is_refused_as_an_energy(t
              "--eval-every", "2", "--ckpt-every", "2", "--val-batch", "2", "--device", "cpu", "--out", out]
     dn.main(flags + ["--steps", "2"])
     path = os.path.join(out, "ckpt.pt")
-    assert train.load_checkpoint(path)["config"]["model"] == "denoiser"
+    assert nets.load_checkpoint(path)["config"]["model"] == "denoiser"
     with pytest.raises(ValueError, match="plain denoiser, not an energy"):
-        train.load_energy(path)
+        nets.load_energy(path)
     with pytest.raises(ValueError, match="plain-denoiser control"):  # train.py will not resume it as an energy
         train.main(flags + ["--steps", "3", "--resume"])
     dn.main(flags + ["--steps", "3", "--resume"])
-    assert train.load_checkpoint(path)["step"] == 3
+    assert nets.load_checkpoint(path)["step"] == 3
     res = dn.evaluate(path, n=2)
     assert set(res["psnr"]) == {"denoise", "inpaint", "deblur", "sr"}
     assert all(torch.isfinite(torch.tensor(v)).all() for v in res["psnr"].values())

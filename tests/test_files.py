@@ -85,13 +85,13 @@ def test_observed_restoration_equals_the_simulated_one_for_a_known_degradation()
             y_obs = cv.upscale_grid(small, 2)
             args.noise = 0.025  # the small image's noise: the large grid's divided by r
         obs_args = sample.parse_args(argv + ["--noise", str(args.noise), "--observed", "photo.png"])
-        y2, cov2, _ = sample.observed_problem(obs_args, prior, y_obs)
+        y2, cov2, _, _ = sample.observed_problem(obs_args, prior, y_obs)
         torch.testing.assert_close(aebm.posterior_mean(prior, y2, cov2), x_in, atol=1e-9, rtol=0)
     # inpainting: the simulated hole holds a draw of variance s_huge, the photo's the mean: 1e-5 apart
     args = sample.parse_args(["--task", "inpaint", "--noise", "0.05"])
     y, cov, y_obs, missing = sample.observe(args, x, prior.mean, torch.Generator().manual_seed(1))
     obs_args = sample.parse_args(["--task", "inpaint", "--noise", "0.05", "--observed", "photo.png"])
-    y2, cov2, _ = sample.observed_problem(obs_args, prior, y_obs, missing)
+    y2, cov2, _, _ = sample.observed_problem(obs_args, prior, y_obs, missing)
     torch.testing.assert_close(aebm.posterior_mean(prior, y2, cov2), aebm.posterior_mean(prior, y, cov),
                                atol=1e-4, rtol=0)
 

@@ -142,7 +142,7 @@ def test_resume_is_bit_identical_and_foreign_configs_are_refused(tmp_path):
 
 def fake_state(step, w):
     """The structure of a train.py checkpoint, with a tensor to tell versions apart."""
-    config = {k: None for k in train.ARCHITECTURE_KEYS}
+    config = {k: None for k in nets.ARCHITECTURE_KEYS}
     return {"model": {"w": w}, "ema": {}, "opt": {}, "step": step, "config": config, "rng": []}
 
 
@@ -158,12 +158,12 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(path, fake_state(2, torch.zeros(3)))
     monkeypatch.undo()
-    ckpt = train.load_checkpoint(path)
+    ckpt = nets.load_checkpoint(path)
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
     with open(path + ".tmp", "wb") as f:  # a truncated file is reported, not half-loaded
         f.write(b"junk")
     with pytest.raises(ValueError, match="corrupt"):
-        train.load_checkpoint(path + ".tmp")
+        nets.load_checkpoint(path + ".tmp")
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -178,7 +178,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
     monkeypatch.setattr(train.aebm, "dual_score_loss", poisoned)
     with pytest.raises(SystemExit, match="not finite.*last good checkpoint"):
         train.main(run_args(tmp_path, 10, "--eval-every", "100"))
-    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = nets.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 3  # written at step 3, the NaN came at step 5
 
 
@@ -192,9 +192,9 @@ def test_training_on_gaussian_data_approaches_the_exact_floor(tmp_path):
             "--lr", "1e-3", "--warmup", "20", "--eval-every", "1000", "--out", str(out), "--device", "cpu",
             "--val-batch", "4", *train.PAPER_LOSSES, "--lam", "1"]
     train.main(args + ["--steps", "1"])
-    first, _ = train.load_energy(str(out / "ckpt.pt"), use_ema=False)
+    first, _ = nets.load_energy(str(out / "ckpt.pt"), use_ema=False)
     train.main(args + ["--steps", "300", "--restart"])
-    last, config = train.load_energy(str(out / "ckpt.pt"), use_ema=True)
+    last, config = nets.load_energy(str(out / "ckpt.pt"), use_ema=True)
     ds = data.load_dataset("gaussian", 8, 1)
     x = ds.get_batch(256, torch.Generator().manual_seed(7))
     groups = cv.sample_training_covariances(x.shape, "fft", generator=torch.Generator().manual_seed(8))
@@ -253,7 +253,7 @@ def test_resume_with_dropout_is_bit_identical_and_validation_draws_nothing(tmp_p
     b = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
     for key in ("model", "ema", "opt", "rng"):
         assert_same_state(a[key], b[key])
-    energy, config = train.load_energy(str(tmp_path / "straight" / "ckpt.pt"))
+    energy, config = nets.load_energy(str(tmp_path / "straight" / "ckpt.pt"))
     args = train.parse_args(run_args(tmp_path / "v", 1))
     val_x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     state = torch.get_rng_state()
@@ -373,7 +373,7 @@ def test_a_stale_checkpoint_tmp_is_removed_by_the_next_run(tmp_path, capsys):
     capsys.readouterr()
     train.main(run_args(tmp_path, 4, "--resume"))
     assert "removed" in capsys.readouterr().out and not (tmp_path / "ckpt.pt.tmp").exists()
-    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4
+    assert nets.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4
 
 
 def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -391,7 +391,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_previous_check
     with pytest.raises(SystemExit, match="cannot write checkpoint .*No space left on device.*previous checkpoint is intact"):
         train.main(run_args(tmp_path, 9))
     monkeypatch.undo()
-    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+    assert nets.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
     assert not os.path.exists(tmp_path / "ckpt.pt.tmp")
 
 
@@ -402,9 +402,9 @@ def test_out_that_is_a_file_and_non_checkpoints_give_one_line_errors(tmp_path):
     torch.save(torch.ones(3), tmp_path / "tensor.pt")
     torch.save({"model": {}}, tmp_path / "dict.pt")
     with pytest.raises(ValueError, match="not a checkpoint of train.py: it holds Tensor"):
-        train.load_checkpoint(str(tmp_path / "tensor.pt"))
+        nets.load_checkpoint(str(tmp_path / "tensor.pt"))
     with pytest.raises(ValueError, match="not a checkpoint of train.py: it holds a dict without ema"):
-        train.load_energy(str(tmp_path / "dict.pt"))
+        nets.load_energy(str(tmp_path / "dict.pt"))
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -508,9 +508,9 @@ def test_leaf_radii_travel_with_the_checkpoint_to_every_tool_that_reads_its_data
     assert train.leaf_radii(saved) != train.leaf_radii(vars(train.parse_args(["--leaf-radii", "2", "32"])))
     seen, load = [], data.load_dataset
 
-    def recording(name, size, channels=3, root=None, split="train", leaf_radii=None):
+    def recording(name, size, channels=3, root=None, split="train", leaf_radii=None, *how):
         seen.append(leaf_radii)
-        return load(name, size, channels, root, split, leaf_radii)
+        return load(name, size, channels, root, split, leaf_radii, *how)
 
     monkeypatch.setattr(data, "load_dataset", recording)
     learning.evaluate(path, n=1)
