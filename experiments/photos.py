@@ -7,6 +7,7 @@ from, and what a user restoring such images needs to know.
     python -m experiments.learning --ckpt runs/photos/ckpt.pt               # held-out crops against Wiener
     python -m experiments.photos --check runs/photos/ckpt.pt                # the evidence check's accuracy
     python -m experiments.photos --calibration runs/photos/ckpt.pt          # sample error against the mean's
+    python -m experiments.photos --calibration exact --sampler mala         # the same path with the exact prior
 
 The folder stands in for a user's photographs: dead leaves rendered at 256 x 192, far larger than the
 32 x 32 crops the photos preset trains on, saved as PNG and (every fourth) JPEG, so the reader, the
@@ -98,27 +99,28 @@ def check(models, folder, n=8):
     return rows
 
 
-def calibration(energy, folder, n=4, steps=150):
-    """Posterior samples against the posterior mean on held-out windows of the folder, as sample.py
-    --observed restores them (default sampler and schedule, known degradation): for a calibrated sampler
-    a sample's error is about sqrt(2) times the posterior mean's (E|x_s - x|^2 = E|x_s - x^|^2 + E|x^ - x|^2,
-    and the first term is the posterior variance, the second's expectation too)."""
-    x = domain_images("leaves", n, folder).float()
+def calibration(energy, x, basis="dct", sampler="ula", steps=150):
+    """Posterior samples against the posterior mean for images x, restored as sample.py --observed does
+    (known degradation, the given sampler and levels; blur in `basis`): for a calibrated sampler a sample's
+    error is about sqrt(2) times the posterior mean's (E|x_s - x|^2 = E|x_s - x^|^2 + E|x^ - x|^2, the first
+    term the posterior variance and the second's expectation too)."""
     rows = []
     for task in ("denoise", "deblur"):
-        prob = TASKS[task](x.shape)
-        y_obs = prob.measure(x.double(), torch.Generator().manual_seed(7)).float()
-        noise = [] if task == "denoise" else ["--blur-std", "1.5"]
-        args = sample.parse_args(["--task", task, "--observed", "x.png", "--noise", str(prob.sigma_n), "--quiet", *noise])
-        args.steps, args.basis = steps, "dct"
+        prob = cv.denoising_problem(x.shape, 0.05, torch.float64) if task == "denoise" else \
+            cv.blur_problem(x.shape, 1.5, 0.02, basis, torch.float64)
+        y_obs = prob.measure(x.double(), torch.Generator().manual_seed(7)).to(x.dtype)
+        flags = ["--task", task, "--observed", "x.png", "--noise", str(prob.sigma_n), "--quiet", "--sampler", sampler,
+                 "--basis", basis] + ([] if task == "denoise" else ["--blur-std", "1.5"])
+        args = sample.parse_args(flags)
+        args.steps = steps
         y, cov, _, _ = sample.observed_problem(args, energy, y_obs)
         x_hat, samples = sample.restore(args, energy, y, cov, torch.device("cpu"), torch.Generator().manual_seed(3), {})
-        rmse = lambda t: (t - x).square().flatten(1).mean(1).sqrt()
+        rmse = lambda t: (t.double() - x.double()).square().flatten(1).mean(1).sqrt()
         ratio = (rmse(samples[0]) / rmse(x_hat)).mean().item()
         rows.append(dict(task=task, rmse_mean=rmse(x_hat).mean().item(), rmse_sample=rmse(samples[0]).mean().item(),
                          ratio=ratio))
-        print(f"{task:8s} posterior mean RMSE {rows[-1]['rmse_mean']:.4f}  sample RMSE {rows[-1]['rmse_sample']:.4f}  "
-              f"ratio {ratio:.2f} (calibrated: {math.sqrt(2):.2f})", flush=True)
+        print(f"{task:8s} {sampler} {steps} levels: posterior mean RMSE {rows[-1]['rmse_mean']:.4f}  sample RMSE "
+              f"{rows[-1]['rmse_sample']:.4f}  ratio {ratio:.2f} (calibrated: {math.sqrt(2):.2f})", flush=True)
     return rows
 
 
@@ -130,15 +132,23 @@ def main(argv=None):
                    "--calibration use")
     p.add_argument("--check", nargs="*", default=None, metavar="NAME=PATH",
                    help="the evidence check's accuracy for these checkpoints (PATH 'exact': the Gaussian field's own energy)")
-    p.add_argument("--calibration", default=None, metavar="CKPT", help="sample error against the posterior mean's")
+    p.add_argument("--calibration", default=None, metavar="CKPT",
+                   help="sample error against the posterior mean's on held-out windows of --folder; 'exact': the "
+                        "Gaussian field's own prior on field images (blur in its fft basis)")
+    p.add_argument("--sampler", default="ula", choices=["ula", "mala", "adaptive"], help="--calibration's sampler")
+    p.add_argument("--steps", type=int, default=150, help="--calibration's levels (sample.py's default on a CPU)")
     p.add_argument("--images", type=int, default=8, help="images per domain and task")
     a = p.parse_args(argv)
     if a.make_folder:
         print(f"{len(make_folder(a.make_folder, a.n))} images in {a.make_folder}")
     if a.check:
         check([load_model(spec) for spec in a.check], a.folder, a.images)
-    if a.calibration:
-        calibration(nets.load_energy(a.calibration)[0], a.folder, min(a.images, 4))
+    if a.calibration == "exact":
+        prior = data.GaussianField((64, 96), 3).prior
+        calibration(prior, domain_images("field", min(a.images, 4), a.folder), "fft", a.sampler, a.steps)
+    elif a.calibration:
+        x = domain_images("leaves", min(a.images, 4), a.folder).float()
+        calibration(nets.load_energy(a.calibration)[0], x, "dct", a.sampler, a.steps)
 
 
 if __name__ == "__main__":
