@@ -124,6 +124,27 @@ def calibration(energy, x, basis="dct", sampler="ula", steps=150):
     return rows
 
 
+def full_size(energy, out, size=256, seed=99):
+    """The check on one photograph at full size: a size x size dead-leaves rendering of the folder's kind,
+    blurred (b = 1.5, sigma 0.02), written to OUT/sharp.png and OUT/blurred.png (for timing sample.py on it);
+    the two evidences, and the model's posterior mean against the 1/f Gaussian's Wiener filter."""
+    os.makedirs(out, exist_ok=True)
+    x = data.DeadLeaves(size, 3).get_batch(1, torch.Generator().manual_seed(seed)).double()
+    prob = cv.blur_problem(x.shape, 1.5, 0.02, "dct", torch.float64)
+    y_obs = prob.measure(x, torch.Generator().manual_seed(1))
+    to8 = lambda t: (t * 255 + 0.5).clamp(0, 255).to(torch.uint8).double() / 255  # what a PNG holds
+    x, y_obs = to8(x), to8(y_obs)
+    data.save_image(os.path.join(out, "sharp.png"), x[0])
+    data.save_image(os.path.join(out, "blurred.png"), y_obs[0])
+    ev_model, ev_gauss, gauss = aebm.evidence(energy, y_obs, prob)
+    y, cov = prob.to_denoising(y_obs, aebm.energy_mean(energy))
+    x_model = aebm.posterior_mean(energy, y.float(), cv.Covariance(cov.s.float(), cov.basis)).double()
+    x_gauss = gauss.posterior_mean(*prob.to_denoising(y_obs, gauss.mean))
+    psnr = lambda t: data.psnr(t, x).item()
+    print(f"{size}x{size}: evidence model {ev_model:.4f}, 1/f Gaussian {ev_gauss:.4f} nats/dim; PSNR model "
+          f"{psnr(x_model):.2f}, 1/f Wiener {psnr(x_gauss):.2f}, observation {psnr(y_obs):.2f} dB")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Large images to learn from, and checks of restoring them.")
     p.add_argument("--make-folder", default=None, metavar="DIR", help="write the folder of large dead-leaves images")
@@ -137,12 +158,15 @@ def main(argv=None):
                         "Gaussian field's own prior on field images (blur in its fft basis)")
     p.add_argument("--sampler", default="ula", choices=["ula", "mala", "adaptive"], help="--calibration's sampler")
     p.add_argument("--steps", type=int, default=150, help="--calibration's levels (sample.py's default on a CPU)")
+    p.add_argument("--full-size", default=None, metavar="CKPT", help="the check on one 256x256 photograph")
     p.add_argument("--images", type=int, default=8, help="images per domain and task")
     a = p.parse_args(argv)
     if a.make_folder:
         print(f"{len(make_folder(a.make_folder, a.n))} images in {a.make_folder}")
     if a.check:
         check([load_model(spec) for spec in a.check], a.folder, a.images)
+    if a.full_size:
+        full_size(nets.load_energy(a.full_size)[0], "runs/photos_256")
     if a.calibration == "exact":
         prior = data.GaussianField((64, 96), 3).prior
         calibration(prior, domain_images("field", min(a.images, 4), a.folder), "fft", a.sampler, a.steps)
