@@ -28,9 +28,9 @@ import data
 import nets
 import sample
 
-TASKS = {"denoise": lambda shape: cv.denoising_problem(shape, 0.05, torch.float64),
-         "deblur": lambda shape: cv.blur_problem(shape, 1.5, 0.02, "dct", torch.float64),
-         "sr": lambda shape: cv.sr_problem(shape, 2, 0.02, "dct", torch.float64)}
+TASKS = {"denoise": lambda shape, basis="dct": cv.denoising_problem(shape, 0.05, torch.float64),
+         "deblur": lambda shape, basis="dct": cv.blur_problem(shape, 1.5, 0.02, basis, torch.float64),
+         "sr": lambda shape, basis="dct": cv.sr_problem(shape, 2, 0.02, basis, torch.float64)}
 
 
 def make_folder(out, n=60, width=256, height=192, seed=0):
@@ -81,11 +81,10 @@ def check(models, folder, n=8):
                 for i in range(n):
                     y_obs = prob.measure(x[i : i + 1], torch.Generator().manual_seed(100 + i))
                     ev_model, ev_gauss, gauss = aebm.evidence(energy, y_obs, prob, observed_only=task == "sr")
-                    dct = prob if prob.basis == "dct" else cv.Degradation(prob.a, "dct", prob.sigma_n)
                     y, cov = prob.to_denoising(y_obs, aebm.energy_mean(energy))
                     dtype = aebm.energy_dtype(energy)
                     x_model = aebm.posterior_mean(energy, y.to(dtype), cv.Covariance(cov.s.to(dtype), cov.basis)).double()
-                    x_gauss = gauss.posterior_mean(*dct.to_denoising(y_obs, gauss.mean))
+                    x_gauss = gauss.posterior_mean(*prob.to_denoising(y_obs, gauss.mean))  # sigma^2 I: any basis
                     better = data.psnr(x_model, x[i : i + 1]).item() > data.psnr(x_gauss, x[i : i + 1]).item()
                     warned += ev_model > ev_gauss
                     model_better += better
@@ -106,8 +105,7 @@ def calibration(energy, x, basis="dct", sampler="ula", steps=150):
     term the posterior variance and the second's expectation too)."""
     rows = []
     for task in ("denoise", "deblur"):
-        prob = cv.denoising_problem(x.shape, 0.05, torch.float64) if task == "denoise" else \
-            cv.blur_problem(x.shape, 1.5, 0.02, basis, torch.float64)
+        prob = TASKS[task](x.shape, basis)
         y_obs = prob.measure(x.double(), torch.Generator().manual_seed(7)).to(x.dtype)
         flags = ["--task", task, "--observed", "x.png", "--noise", str(prob.sigma_n), "--quiet", "--sampler", sampler,
                  "--basis", basis] + ([] if task == "denoise" else ["--blur-std", "1.5"])
