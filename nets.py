@@ -18,17 +18,29 @@ Two branches, as in the paper:
   - spatial (pixel-basis Sigma): the feature map is average-pooled to each block's resolution,
     so gains vary per pixel (a mask tells each location how noisy it is);
   - spectral (fft/dct Sigma): the features of the frequency map (plus each frequency's position)
-    are averaged over frequencies, so gains are per channel.
+    give gains per frequency, applied where Sigma is diagonal:
+
+        h <- SiLU(GroupNorm(h) * (1 + g) + U^H(g_freq * U GroupNorm(h))),
+
+    each block's map of h x w pixels taking the gains of the lowest h x w frequencies, those it
+    still carries. A blur tells each frequency how noisy it is, as a mask tells each pixel. (The
+    paper averages the spectral features over frequencies into per-channel gains; that form,
+    `spectral="pooled"`, is kept for older checkpoints. With it, F cannot tell which frequency is
+    noisy, and the normalization of blur and SR energies suffers: docs/results.md §2.)
 An isotropic Sigma is the same matrix in every basis, so it must get the same conditioning in
 every basis. We make that exact: the spatial MLP works per coordinate, so a constant map gives a
 constant map, identical to its output on the 1x1 map of the mean log-variance. A spectral Sigma is
 therefore conditioned as
 
-    spatial(mean log s, as a 1x1 map)  +  mean_freq[ spectral(log s) * (log s - mean log s) ],
+    spatial(mean log s, as a 1x1 map)  +  spectral(log s) * (log s - mean log s),
 
 the isotropic part plus an anisotropic correction gated by each frequency's deviation from the mean
 log-variance, exactly zero for isotropic Sigma. The result is smooth in log s and basis-independent
 for sigma^2 I (tests/test_nets.py checks it).
+
+The learned normalizing constant (M3's sum_k w_k b_k) follows the same rule: for a spectral Sigma,
+b_k is a function of s_k and of the position k only (UNet.separable_offset), the form of a
+stationary Gaussian's exact constant.
 
 Cost (docs/benchmarks.md). The dual loss differentiates the conditioning path twice, so it is kept
 lean: per-coordinate 1x1 layers without normalisation, and the gains of all the blocks of one
@@ -145,6 +157,30 @@ class Attention(nn.Module):
         return (x + self.proj(a)) * math.sqrt(0.5)
 
 
+def spectral_modulation(h, g, basis):
+    """U^H(g * U h): a block's features h (B, ch, h, w) multiplied frequency by frequency in the basis
+    where a spectral Sigma is diagonal, the spectral counterpart of the spatial branch's per-pixel
+    gains. g (B, ch, h, w) is laid out like U h (fft: unshifted). Network work, so it runs in the
+    features' dtype (under autocast torch computes the FFT in float32)."""
+    if basis == "dct":
+        Dh, Dw = cv.dct_matrix(h.shape[-2], h.dtype, h.device), cv.dct_matrix(h.shape[-1], h.dtype, h.device)
+        return Dh.T @ (g * (Dh @ h @ Dw.T)) @ Dw
+    # fft: real part, a real linear map of h (exactly U^H(g U h) when g is conjugate-symmetric)
+    return torch.fft.ifft2(g * torch.fft.fft2(h, norm="ortho"), norm="ortho").real.to(h.dtype)
+
+
+def frequency_crop(g, basis, h, w):
+    """The gains of a spectral map at full size (B, ch, H, W) restricted to the lowest h x w frequencies,
+    those a feature map down-sampled to h x w still carries; laid out like U of that map. For dct the
+    lowest frequencies are the top-left corner; for fft, g is fftshifted (zero frequency at H//2, W//2)
+    and the crop is centred there, then shifted back."""
+    if basis == "dct":
+        return g[..., :h, :w]
+    H, W = g.shape[-2:]
+    crop = g[..., H // 2 - h // 2: H // 2 - h // 2 + h, W // 2 - w // 2: W // 2 - w // 2 + w]
+    return torch.fft.ifftshift(crop, dim=(-2, -1))
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, then the gain-modulated GroupNorm -> SiLU -> dropout -> conv,
     a skip connection, and optional attention (EDM's UNetBlock, with gains in place of the noise
@@ -160,10 +196,13 @@ class ResBlock(nn.Module):
         self.skip = Conv1x1(in_ch, out_ch) if in_ch != out_ch else nn.Identity()
         self.attn = Attention(out_ch) if attention else None
 
-    def forward(self, x, g):
+    def forward(self, x, g, g_freq=None, basis=None):
         h = self.conv0(self.act0(self.norm0(x)))
-        h = self.act1(self.norm1(h) * (1 + g))  # g: (B, ch, h, w) for pixel-basis Sigma, (B, ch, 1, 1) otherwise
-        h = self.conv1(self.dropout(h))
+        h = self.norm1(h)
+        m = h * (1 + g)  # g: (B, ch, h, w) for pixel-basis Sigma, (B, ch, 1, 1) otherwise
+        if g_freq is not None:  # spectral Sigma: gains per frequency, applied where Sigma is diagonal
+            m = m + spectral_modulation(h, g_freq, basis)
+        h = self.conv1(self.dropout(self.act1(m)))
         x = (self.skip(x) + h) * math.sqrt(0.5)
         return self.attn(x) if self.attn is not None else x
 
@@ -176,8 +215,12 @@ class UNet(nn.Module):
     training size img_size) that get self-attention. The network is convolutional: it runs on any
     H, W divisible by 2^(len(mults) - 1) (attention stays at the same levels)."""
 
-    def __init__(self, img_size, in_channels, channels, mults, blocks, attn, dropout, emb_hidden, emb_blocks):
+    def __init__(self, img_size, in_channels, channels, mults, blocks, attn, dropout, emb_hidden, emb_blocks,
+                 spectral="frequency"):
         super().__init__()
+        if spectral not in ("frequency", "pooled"):
+            raise ValueError(f"spectral conditioning {spectral!r}: use 'frequency' or 'pooled'")
+        self.spectral_mode = spectral
         self.factor = 2 ** (len(mults) - 1)
         if img_size % self.factor or img_size < self.factor:
             raise ValueError(f"image size {img_size} must be divisible by {self.factor} (the UNet halves it "
@@ -227,6 +270,8 @@ class UNet(nn.Module):
         self.offset = zero_init(Conv1x1(emb_hidden, in_channels))
         self.offset_spectral = Conv1x1(emb_hidden, in_channels, bias=False)
         nn.init.zeros_(self.offset_spectral.weight)
+        if spectral == "frequency":  # features of each frequency's position for the separable constant
+            self.frequency_features = EmbeddingNet(2, emb_hidden, 1)
 
     def embed(self, cov):
         """The embeddings: spatial (B, hidden, H, W) for pixel-basis Sigma, or (B, hidden, 1, 1) with the
@@ -240,24 +285,47 @@ class UNet(nn.Module):
             log_s = torch.fft.fftshift(log_s, dim=(-2, -1))  # low frequencies in the middle of the map
         mean = log_s.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1): the isotropic part
         iso = self.spatial(sinusoidal(mean))  # (B, hidden, 1, 1), identical to a constant full-size map
-        coords = frequency_coordinates(cov.basis, *log_s.shape[-2:], log_s).expand(log_s.shape[0], -1, -1, -1)
-        aniso = self.spectral(torch.cat([sinusoidal(log_s), coords], 1))  # (B, hidden, H, W)
+        coords = frequency_coordinates(cov.basis, *log_s.shape[-2:], log_s)
+        aniso = self.spectral(torch.cat([sinusoidal(log_s), coords.expand(log_s.shape[0], -1, -1, -1)], 1))
         # gated by each frequency's log-variance above or below the mean: exactly zero for isotropic Sigma
         deviation = (log_s - mean).mean(1, keepdim=True) / SPECTRAL_SCALE  # (B, 1, H, W)
-        offset = self.offset(iso) + self.offset_spectral(aniso) * deviation  # (B, C, H, W), isotropic part + gated
+        if self.spectral_mode == "pooled":  # the paper's form: per-channel gains, a constant gated by the mean
+            offset = self.offset(iso) + self.offset_spectral(aniso) * deviation
+            spectral = (aniso * deviation).mean(dim=(-2, -1), keepdim=True)
+        else:
+            offset = self.separable_offset(log_s, coords)
+            spectral = aniso * deviation  # (B, hidden, H, W): gains per frequency (UNet.gains crops them per level)
         if cov.basis == "fft":
             offset = torch.fft.ifftshift(offset, dim=(-2, -1))  # back to the coordinates' layout
-        return iso, (aniso * deviation).mean(dim=(-2, -1), keepdim=True), offset.expand(cov.log_s.shape)
+        return iso, spectral, offset.expand(cov.log_s.shape)
 
-    def gains(self, spatial, spectral):
-        """The gains of every ResBlock, in the order of the blocks, from the embeddings."""
+    def separable_offset(self, log_s, coords):
+        """b_k = T(s_k, k) for a spectral Sigma: each frequency's offset depends on its own variance and
+        position only, so the constant sum_k w_k b_k is a sum over frequencies of one function, the form
+        of a stationary Gaussian's exact constant 1/2 sum_k log((c_k + s_k) / (sigma_d^2 + s_k)). Written as
+        the spatial branch's offset of s_k (what sigma^2 I gets in the pixel basis) plus a correction
+        sum_j phi_j(s_k) beta_j(k) whose position features beta sum to zero over the frequencies, so
+        sigma^2 I gets exactly the pixel basis' constant. tests/test_nets.py checks the swap identity
+        C(a) + C(b) = C(a|b) + C(b|a) that every such sum satisfies."""
+        phi = self.spatial(sinusoidal(log_s))  # (B, hidden, H, W), a function of s_k alone
+        beta = self.frequency_features(coords)  # (1, hidden, H, W), a function of k alone
+        beta = beta - beta.mean(dim=(-2, -1), keepdim=True)
+        return self.offset(phi) + self.offset_spectral(phi * beta)
+
+    def gains(self, spatial, spectral, basis, size):
+        """(gains, frequency gains or None) of every ResBlock, in the order of the blocks, from the
+        embeddings; size = (H, W) of the image."""
         per_level = []
         for level, (conv_sp, conv_spec) in enumerate(zip(self.gain_spatial, self.gain_spectral)):
             e = F.avg_pool2d(spatial, 2 ** level) if level > 0 and spatial.shape[-1] > 1 else spatial
             g = conv_sp(e)  # (B, width, h, w): all the blocks of this level
-            if spectral is not None:
+            g_freq = None
+            if spectral is not None and self.spectral_mode == "pooled":
                 g = g + conv_spec(spectral)
-            per_level.append(list(torch.split(g, self.split[level], dim=1)))
+            elif spectral is not None:  # the frequencies a map of this level carries, in its own layout
+                g_freq = frequency_crop(conv_spec(spectral), basis, size[0] >> level, size[1] >> level)
+            split = lambda t: list(torch.split(t, self.split[level], dim=1)) if t is not None else [None] * len(self.split[level])
+            per_level.append(list(zip(split(g), split(g_freq))))
         return [per_level[level].pop(0) for level in self.levels]
 
     def forward(self, x, cov, with_offset=False):
@@ -266,29 +334,29 @@ class UNet(nn.Module):
             raise ValueError(f"UNet takes ({self.in_channels}, H, W) images with H, W divisible by {self.factor}, "
                              f"got {tuple(x.shape[1:])}")
         spatial, spectral, offset = self.embed(cov)
-        gains = iter(self.gains(spatial, spectral))
+        gains = iter(self.gains(spatial, spectral, cov.basis, (H, W)))
         h = self.conv_in(x)
         skips = [h]
         for layer in self.enc:
-            h = layer(h, next(gains)) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(h, *next(gains), cov.basis) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
         for block in self.mid:
-            h = block(h, next(gains))
+            h = block(h, *next(gains), cov.basis)
         for layer in self.dec:
             if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, skips.pop()], dim=1), next(gains))
+                h = layer(torch.cat([h, skips.pop()], dim=1), *next(gains), cov.basis)
             else:
                 h = layer(h)
         return (self.out(h), offset) if with_offset else self.out(h)
 
 
-def build_unet(config, img_size, in_channels, dropout=None):
+def build_unet(config, img_size, in_channels, dropout=None, spectral="frequency"):
     """The UNet of a named configuration (CONFIGS) for img_size x img_size images with in_channels;
-    dropout overrides the configuration's rate."""
+    dropout overrides the configuration's rate; spectral is the conditioning on a spectral Sigma."""
     if config not in CONFIGS:
         raise ValueError(f"unknown network config {config!r}: use one of {sorted(CONFIGS)}")
     kwargs = dict(CONFIGS[config], **({} if dropout is None else {"dropout": dropout}))
-    return UNet(img_size=img_size, in_channels=in_channels, **kwargs)
+    return UNet(img_size=img_size, in_channels=in_channels, spectral=spectral, **kwargs)
 
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
@@ -319,7 +387,9 @@ def load_checkpoint(path, device="cpu"):
 
 def build_energy(config, device="cpu"):
     """The energy model a checkpoint's config dict describes (its weights not loaded)."""
-    net = build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"))
+    # checkpoints from before the frequency-domain conditioning hold the pooled form
+    net = build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"),
+                     spectral=config.get("spectral", "pooled"))
     net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
     return aebm.EnergyModel(net, config["data_mean"], config["data_var"])
 

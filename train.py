@@ -97,6 +97,9 @@ def build_parser():
                    help="with --crop random: shrink every photograph by this factor (0 < SCALE <= 1) before cropping")
     a.add_argument("--config", default=None, help=f"network, one of {sorted(nets.CONFIGS)} (preset: small / paper64)")
     a.add_argument("--dropout", type=float, default=None, help="dropout rate of the UNet (default: the config's)")
+    a.add_argument("--spectral", default="frequency", choices=["frequency", "pooled"],
+                   help="how a blur/SR Sigma conditions the UNet: gains per frequency, applied in the basis "
+                        "(default), or the paper's per-channel gains pooled over frequencies (nets.py)")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
 
     a = p.add_argument_group("the loss and its covariances (docs/method.md §2, §4)")
@@ -341,7 +344,7 @@ def build_model(args, ds, ctx):
     and then takes rank 0's tensors: without the DDP wrapper nobody else would synchronise the replicas."""
     config = {k: getattr(args, k) for k in nets.ARCHITECTURE_KEYS}
     config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam,
-                  dropout=args.dropout, leaf_radii=args.leaf_radii, crop=args.crop, scale=args.scale,
+                  dropout=args.dropout, spectral=args.spectral, leaf_radii=args.leaf_radii, crop=args.crop, scale=args.scale,
                   data_dir=os.path.abspath(args.data_dir) if args.data_dir else None)  # data.dataset_for reads these
     torch.manual_seed(args.seed)
     energy = nets.build_energy(config, ctx.device)
@@ -498,7 +501,8 @@ def check_same_config(saved, args, path):
     diff = {k: (saved.get(k), getattr(args, k)) for k in nets.ARCHITECTURE_KEYS if saved.get(k) != getattr(args, k)}
     if leaf_radii(saved) != leaf_radii(vars(args)):
         diff["leaf_radii"] = (leaf_radii(saved), leaf_radii(vars(args)))
-    for k, default in (("crop", "center"), ("scale", 1.0)):  # how an image folder becomes training images
+    # how an image folder becomes training images, and the spectral conditioning (older checkpoints: pooled)
+    for k, default in (("crop", "center"), ("scale", 1.0), ("spectral", "pooled")):
         if saved.get(k, default) != getattr(args, k):
             diff[k] = (saved.get(k, default), getattr(args, k))
     if diff:

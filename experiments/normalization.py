@@ -33,8 +33,14 @@ import nets
 import sample
 import train
 
-LEVELS = [10.0 ** k for k in range(-6, 3)]  # isotropic sigma^2
+LEVELS = [10.0 ** k for k in range(-6, 3)]  # isotropic sigma^2, the table's columns
+MASK_NOISES = [1e-4, 1e-2]  # observed sigma^2 of the masks
+SPECTRAL_NOISES = [1e-6, 1e-4, 1e-3, 1e-2, 1e-1]  # sigma_n^2 of blur and SR
+BLURS = [0.5, 1.0, 1.5, 2.0, 3.0]
 FINE_NOISES = [0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.11, 0.12, 0.14, 0.17, 0.2]
+# blind deblurring on the field: every (width, noise) pair of this grid is both a truth and a candidate
+BLIND_BLURS = [0.5 + 0.25 * i for i in range(11)]  # 0.5, 0.75, ..., 3
+BLIND_NOISES = [0.01, 0.02, 0.05, 0.1]
 
 
 def train_model(out, lam, steps, size=16, config="small", batch=16, seed=0, extra=()):
@@ -52,42 +58,58 @@ def exact64(prior):
     return lambda y, cov: prior(y.double(), cv.Covariance(cov.s.double(), cov.basis, check=False))
 
 
-def family_covariances(shape):
-    """(name, covariance) of the anisotropic families, all at once: box masks; blur (b = 1) along its noise
-    axis, and across widths at sigma_n^2 = 1e-2; SR x2 as M2 gives it (dropped frequencies at S_HUGE, as in
-    training) and, once, with the dropped frequencies at s = 1e3 instead, a covariance training never draws
-    for SR (docs/results.md §2)."""
+def family_grid(shape, basis="fft", seed=0):
+    """The covariance families the training distribution draws (docs/method.md §2), as table cells
+    (row, noise variance, covariance): isotropic sigma^2; centred boxes of 1/4, 1/2 and 3/4 the image side,
+    the top half, random pixel masks (missing pixels at S_HUGE, as inpainting gives them); blur of width
+    b and SR x2, x4 with sigma_n^2 (M2, in the training basis; dropped frequencies at S_HUGE)."""
     B, C, H, W = shape
-    box = cv.box_mask(shape, H // 2)
-    out = [(f"box, observed sigma^2 {s:g}", cv.mask_covariance(box, 1.0, s, C, dtype=torch.float64))
-           for s in (1e-4, 1e-2, 1.0)]
-    # blur b = 1 along its noise axis, then across widths at sigma_n^2 = 1e-2 (what blind deblurring compares)
-    blurs = [(1.0, s) for s in (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)] + [(b, 1e-2) for b in (0.5, 1.5, 2.0, 3.0)]
-    out += [(f"blur b={b:g}, sigma_n^2 {s:g}", cv.blur_problem(shape, b, math.sqrt(s), "fft", dtype=torch.float64).covariance())
-            for b, s in blurs]
-    sr = {s: cv.sr_problem(shape, 2, math.sqrt(s), "fft", dtype=torch.float64).covariance() for s in (1e-4, 1e-2)}
-    out += [(f"SR x2, sigma_n^2 {s:g}", cov) for s, cov in sr.items()]
-    out.append(("SR x2, sigma_n^2 1e-4, dropped at 1e3", cv.Covariance(sr[1e-4].s.clamp(max=1e3), "fft")))
-    return out
+    f64 = dict(dtype=torch.float64)
+    cells = [("isotropic", s, cv.isotropic(s, shape, "pixel", **f64)) for s in LEVELS]
+    masks = [(f"box {q}/4", cv.box_mask(shape, q * H // 4)) for q in (1, 2, 3)] + [("half", cv.half_mask(shape, H // 2))]
+    masks += [(f"random {p}%", cv.random_mask(shape, p / 100, torch.Generator().manual_seed(seed + p))) for p in (25, 50, 75)]
+    cells += [(name, s, cv.mask_covariance(m, cv.S_HUGE, s, C, **f64)) for name, m in masks for s in MASK_NOISES]
+    cells += [(f"blur b={b:g}", s, cv.blur_problem(shape, b, math.sqrt(s), basis, **f64).covariance())
+              for b in BLURS for s in SPECTRAL_NOISES]
+    cells += [(f"SR x{r}", s, cv.sr_problem(shape, r, math.sqrt(s), basis, **f64).covariance())
+              for r in (2, 4) for s in SPECTRAL_NOISES]
+    return cells
 
 
 @torch.no_grad()
 def offsets(energy, prior, x, seed=0):
-    """Mean and standard deviation over images of (E_model - E_exact)/d, and MSE/Bayes, per Sigma."""
+    """For every cell of family_grid: the mean and standard deviation over images of (E_model - E_exact)/d,
+    and the posterior mean's MSE over the Bayes (exact posterior mean's) MSE."""
     d = x[0].numel()
     exact = exact64(prior)
     rows = []
-    covs = [(f"iso {s:g}", cv.isotropic(s, x.shape, "pixel", dtype=torch.float64)) for s in LEVELS]
-    for name, cov in covs + family_covariances(x.shape):
+    for name, s, cov in family_grid(x.shape, seed=seed):
         y = x + cov.sample(torch.Generator().manual_seed(seed))[0]
         y32, cov32 = y.float(), cv.Covariance(cov.s.float(), cov.basis)
         gap = (energy(y32, cov32).double() - exact(y, cov)) / d
         bayes = (prior.posterior_mean(y, cov) - x).square().mean()
         with torch.enable_grad():
             mse = (aebm.posterior_mean(energy, y32, cov32).double() - x).square().mean()
-        rows.append(dict(name=name, s=cov.s.max().item(), offset=gap.mean().item(), std=gap.std().item(),
-                         mse_ratio=(mse / bayes).item()))
+        rows.append(dict(name=name, s=s, offset=gap.mean().item(), std=gap.std().item(), mse_ratio=(mse / bayes).item()))
     return rows
+
+
+@torch.no_grad()
+def blind_deblur_agreement(energy, prior, ds, n=4, seed=0):
+    """Blind deblurring on the field: n images observed under every (b, sigma_n) of BLIND_BLURS x
+    BLIND_NOISES, each scored under all of those candidates (aebm.blind_deblur). Returns (fraction of
+    observations where the model's argmin is the exact energy's, model's accuracy, exact's accuracy)."""
+    truths = [(b, s) for b in BLIND_BLURS for s in BLIND_NOISES]
+    x = ds.get_batch(n, torch.Generator().manual_seed(90_000 + seed)).double()
+    y_obs = torch.cat([cv.blur_problem(x.shape, b, s, "fft", dtype=torch.float64).measure(x, torch.Generator().manual_seed(seed + k))
+                       for k, (b, s) in enumerate(truths)])  # (len(truths) * n, 1, H, W)
+    true_b = torch.tensor([b for b, _ in truths], dtype=torch.float64).repeat_interleave(n)
+    true_s = torch.tensor([s for _, s in truths], dtype=torch.float64).repeat_interleave(n)
+    _, mb, ms = aebm.blind_deblur(energy, y_obs.float(), BLIND_BLURS, BLIND_NOISES, "fft", energy.mean)
+    _, eb, es = aebm.blind_deblur(prior, y_obs, BLIND_BLURS, BLIND_NOISES, "fft", prior.mean)
+    same = ((mb - eb).abs() < 1e-9) & ((ms - es).abs() < 1e-9)
+    right = lambda b, s: (((b - true_b).abs() < 1e-9) & ((s - true_s).abs() < 1e-9)).double().mean().item()
+    return same.double().mean().item(), right(mb, ms), right(eb, es)
 
 
 def bits_per_dim(energy, x, basis="pixel"):
@@ -107,38 +129,92 @@ def blind_curve(energy, ds, size, sigma=0.1, n=8, seed=0):
 
 
 def measure(models, size=16, n=64, seed=0):
-    """{name: dict(rows, spread, nll, blind curve, blind argmin)} for every model and the exact energy."""
+    """{name: dict(rows, spread, nll, blind curve, blind deblurring)} for every model, and the exact energy's
+    NLL, blind-noise curve and blind-deblurring accuracy."""
     ds = data.load_dataset("gaussian", size, 1)
     x = ds.get_batch(n, torch.Generator().manual_seed(70_000 + seed)).double()
     out = {"exact": dict(nll=bits_per_dim(exact64(ds.prior), x, "fft"), blind=blind_curve(exact64(ds.prior), ds, size))}
     for name, energy in models.items():
         rows = offsets(energy, ds.prior, x, seed)
-        iso = [r["offset"] for r in rows if r["name"].startswith("iso") and r["s"] <= 1.0]
+        iso = [r["offset"] for r in rows if r["name"] == "isotropic" and r["s"] <= 1.0]
         out[name] = dict(rows=rows, spread=max(iso) - min(iso), nll=bits_per_dim(energy, x.float()),
-                         blind=blind_curve(energy, ds, size))
+                         blind=blind_curve(energy, ds, size), deblur=blind_deblur_agreement(energy, ds.prior, ds, seed=seed))
+        out["exact"]["deblur_accuracy"] = out[name]["deblur"][2]
+    return out
+
+
+def table(rows, key):
+    """{row name: {noise variance: value}} in the order of family_grid."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["name"], {})[r["s"]] = r[key]
     return out
 
 
 def print_report(res):
     names = [k for k in res if k != "exact"]
-    print(f"{'Sigma':28s} " + " ".join(f"{n + ' offset/d':>16s} {'MSE/Bayes':>9s}" for n in names))
-    for i, row in enumerate(res[names[0]]["rows"]):
-        print(f"{row['name']:28s} " + " ".join(f"{res[n]['rows'][i]['offset']:+16.4f} {res[n]['rows'][i]['mse_ratio']:9.3f}"
-                                               for n in names))
+    print("(E_model - E_exact) / d in nats, per model (" + " / ".join(names) + "); columns: noise variance")
+    print(f"{'':14s}" + "".join(f"{s:>16g}" for s in LEVELS))
+    for key, fmt in (("offset", "{:+.3f}"), ("mse_ratio", "{:.3f}")):
+        tabs = [table(res[n]["rows"], key) for n in names]
+        if key == "mse_ratio":
+            print("posterior-mean MSE / Bayes MSE")
+        for row in tabs[0]:
+            cells = [" / ".join(fmt.format(t[row][s]) for t in tabs) if s in tabs[0][row] else "" for s in LEVELS]
+            print(f"{row:14s}" + "".join(f"{c:>16s}" for c in cells))
     for n in names:
-        print(f"{n}: offset spread over iso sigma^2 in [1e-6, 1] {res[n]['spread']:.4f} nats/dim; NLL {res[n]['nll']:.3f} "
-              f"bits/dim (exact {res['exact']['nll']:.3f}); blind noise estimate {res[n]['blind'][1]} (exact "
-              f"{res['exact']['blind'][1]}, true 0.1); contrast at 0.03: {res[n]['blind'][0][0]:.1f} nats "
-              f"(exact {res['exact']['blind'][0][0]:.1f})")
+        rows = res[n]["rows"]
+        worst = max(rows, key=lambda r: abs(r["offset"]))
+        mse = max(rows, key=lambda r: r["mse_ratio"])
+        agree, acc, exact_acc = res[n]["deblur"]
+        print(f"{n}: largest |offset| {worst['offset']:+.4f} nats/dim ({worst['name']}, {worst['s']:g}); "
+              f"largest MSE/Bayes {mse['mse_ratio']:.3f} ({mse['name']}, {mse['s']:g}); offset spread over isotropic "
+              f"sigma^2 in [1e-6, 1] {res[n]['spread']:.4f}; NLL {res[n]['nll']:.3f} bits/dim (exact "
+              f"{res['exact']['nll']:.3f}); blind deblurring: argmin = exact's on {agree:.3f} (right {acc:.3f}, exact "
+              f"right {exact_acc:.3f}); blind noise estimate {res[n]['blind'][1]} (exact {res['exact']['blind'][1]}, "
+              f"true 0.1); contrast at 0.03: {res[n]['blind'][0][0]:.1f} nats (exact {res['exact']['blind'][0][0]:.1f})")
+
+
+def save_offset_table(path, res, limit=0.025):
+    """One figure of the whole family: a coloured table per model, rows the families and their parameter,
+    columns the noise variance, each cell its offset (red above zero, blue below, full colour at 4 x limit;
+    cells beyond +-limit framed in black)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = [k for k in res if k != "exact"]
+    tabs = [table(res[n]["rows"], "offset") for n in names]
+    rows = list(tabs[0])
+    cw, ch, left, top, gap = 52, 18, 96, 46, 24
+    width = left + len(names) * (len(LEVELS) * cw + gap)
+    img = Image.new("RGB", (width, top + len(rows) * ch + 30), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    draw.text((4, 4), f"Gaussian field 16x16: (E_model - E_exact)/d in nats per cell; framed: beyond +-{limit}", fill="black", font=font)
+    for p, (name, t) in enumerate(zip(names, tabs)):
+        x0 = left + p * (len(LEVELS) * cw + gap)
+        draw.text((x0, 18), name, fill="black", font=font)
+        for j, s in enumerate(LEVELS):
+            draw.text((x0 + j * cw + 4, top - 14), f"{s:g}", fill="black", font=font)
+        for i, row in enumerate(rows):
+            if p == 0:
+                draw.text((4, top + i * ch + 3), row, fill="black", font=font)
+            for j, s in enumerate(LEVELS):
+                if s not in t[row]:
+                    continue
+                v = t[row][s]
+                a = min(1.0, abs(v) / (4 * limit))
+                fill = (255, int(255 * (1 - a)), int(255 * (1 - a))) if v > 0 else (int(255 * (1 - a)), int(255 * (1 - a)), 255)
+                box = [x0 + j * cw, top + i * ch, x0 + (j + 1) * cw - 2, top + (i + 1) * ch - 2]
+                draw.rectangle(box, fill=fill, outline="black" if abs(v) > limit else None, width=2)
+                draw.text((box[0] + 4, box[1] + 3), f"{v:+.3f}", fill="black", font=font)
+    draw.text((4, top + len(rows) * ch + 10), "columns: noise variance (isotropic sigma^2, observed sigma^2 of masks, "
+              "sigma_n^2 of blur/SR)", fill="black", font=font)
+    img.save(path)
+    return path
 
 
 def plot(res, path):
     names = [k for k in res if k != "exact"]
-    iso = [i for i, r in enumerate(res[names[0]]["rows"]) if r["name"].startswith("iso")]
-    xs = [math.log10(res[names[0]]["rows"][i]["s"]) for i in iso]
-    p1 = data.save_line_plot(path, [(n, xs, [res[n]["rows"][i]["offset"] for i in iso]) for n in names],
-                             title="Gaussian field 16x16: (E_model - E_exact) / d, isotropic noise",
-                             xlabel="log10 sigma^2", ylabel="offset (nats/dim)")
+    p1 = save_offset_table(path, res)
     xs = [math.log10(s) for s in FINE_NOISES]
     p2 = data.save_line_plot(path.replace(".png", "_blind.png"),
                              [(n, xs, res[n]["blind"][0]) for n in names + ["exact"]],

@@ -51,7 +51,9 @@ def test_small_config_runs_at_every_size_and_stays_under_a_million_parameters():
 
 
 def test_paper64_has_the_documented_parameter_count():
-    assert nets.count_parameters(nets.build_unet("paper64", 64, 3)) == 55_110_534  # the figure README.md quotes
+    # docs/benchmarks.md quotes 55.1 M; the pooled form of the paper, without the frequency features, has 55_110_534
+    assert nets.count_parameters(nets.build_unet("paper64", 64, 3)) == 55_143_942
+    assert nets.count_parameters(nets.build_unet("paper64", 64, 3, spectral="pooled")) == 55_110_534
 
 
 def test_bad_sizes_and_configs_give_clear_errors():
@@ -300,9 +302,10 @@ def test_energy_is_finite_over_the_whole_range_and_tends_to_the_gaussian_limit(b
         assert torch.isfinite(model(torch.rand(2, 1, 8, 8, dtype=torch.float64), cov)).all()
 
 
-def test_isotropic_sigma_gets_the_same_energy_in_every_basis():
+@pytest.mark.parametrize("spectral", ["frequency", "pooled"])
+def test_isotropic_sigma_gets_the_same_energy_in_every_basis(spectral):
     torch.manual_seed(0)
-    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 8, 3).double()))
+    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 8, 3, spectral=spectral).double()))
     y = torch.rand(3, 3, 8, 8, dtype=torch.float64)
     results = []
     for basis in cv.BASES:
@@ -313,6 +316,74 @@ def test_isotropic_sigma_gets_the_same_energy_in_every_basis():
         torch.testing.assert_close(E, results[0][0], atol=1e-9, rtol=1e-12)
         torch.testing.assert_close(score_y, results[0][1], atol=1e-9, rtol=1e-9)
         torch.testing.assert_close(total, results[0][2], atol=1e-9, rtol=1e-9)
+
+
+def learned_constant(net, cov):
+    """C(Sigma) = sum_k w_k b_k(Sigma), the learned normalizing constant of M3 (y-independent)."""
+    _, b = net(torch.zeros(cov.s.shape, dtype=cov.s.dtype), cov, with_offset=True)
+    return aebm.sum_coords(0.1 / (0.1 + cov.s) * b)
+
+
+@pytest.mark.parametrize("basis", ["fft", "dct"])
+def test_learned_constant_is_a_sum_over_frequencies_by_the_swap_identity(basis):
+    """A stationary Gaussian's exact constant is sum_k T(s_k, k), and every such sum satisfies
+    C(a) + C(b) = C(a|b) + C(b|a), where a|b takes a's variances on a set of frequencies and b's elsewhere.
+    The frequency-domain UNet's constant must satisfy it exactly for any weights; the paper's pooled form,
+    gated by the mean log-variance, cannot (docs/method.md §3)."""
+    shape = (1, 1, 16, 16)
+    a = cv.blur_problem(shape, 1.0, 0.03, basis, dtype=torch.float64).covariance().s.clamp(max=1e3)
+    b = cv.blur_problem(shape, 2.5, 0.3, basis, dtype=torch.float64).covariance().s.clamp(max=1e3)
+    k = torch.arange(16)
+    low = (torch.minimum(k, 16 - k) if basis == "fft" else k) < 5  # a set closed under k -> -k
+    S = (low[:, None] & low[None, :]).expand(shape)
+    a_b, b_a = torch.where(S, a, b), torch.where(S, b, a)
+    C = lambda net, s: learned_constant(net, cv.Covariance(s, basis)).item()
+    gaps = {}
+    for mode in ("frequency", "pooled"):
+        net = randomized(nets.build_unet("tiny", 16, 1, spectral=mode).double(), std=0.3)
+        gaps[mode] = abs(C(net, a) + C(net, b) - C(net, a_b) - C(net, b_a))
+        assert abs(C(net, a)) > 1.0  # the constant is not trivially zero
+    assert gaps["frequency"] < 1e-9, gaps
+    assert gaps["pooled"] > 1e-2, gaps
+
+
+@pytest.mark.parametrize("basis", ["fft", "dct"])
+def test_anisotropic_spectral_energy_tends_to_the_gaussian_limit(basis):
+    """M3's anchor with the frequency-domain conditioning and the separable constant: a blur covariance
+    scaled by t -> infinity (every frequency's variance growing, their ratios fixed, so the gains and
+    offsets stay those of an anisotropic Sigma) must give the Gaussian limit, the gap falling like 1/t."""
+    model = aebm.EnergyModel(randomized(nets.build_unet("tiny", 8, 1).double()))
+    blur = cv.blur_problem((2, 1, 8, 8), 1.0, 0.1, basis, dtype=torch.float64).covariance().s.clamp(max=1e3)
+    y = torch.rand(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gap = {}
+    for t in (1.0, 1e4, 1e6):
+        cov = cv.Covariance(blur * t, basis)
+        gap[t] = (model(y, cov) - aebm.gaussian_limit_energy(y, cov, model.mean, model.data_var)).abs().max().item()
+    assert gap[1.0] > 1e-2  # the learned terms matter for the blur itself
+    assert gap[1e6] < 1e-3 and gap[1e4] > 30 * gap[1e6], gap  # O(1/t)
+
+
+@pytest.mark.parametrize("basis", ["fft", "dct"])
+def test_frequency_gains_multiply_each_frequency_of_the_features(basis):
+    """spectral_modulation is U^H(g U h) in the covariance's basis (checked against covariances.py's own
+    transforms in float64), and frequency_crop hands a level of h x w pixels the gains of exactly the
+    frequencies that map carries: a gain map that is a function of the frequency gives, after the crop,
+    that function at the level's own frequencies."""
+    g_ = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 8, 8, generator=g_, dtype=torch.float64)
+    k = torch.arange(8, dtype=torch.float64)
+    freq = torch.minimum(k, 8 - k) if basis == "fft" else k  # |frequency| of each coordinate of U h
+    g = torch.randn(2, 3, 1, 1, generator=g_, dtype=torch.float64) * (freq[:, None] + 2 * freq[None, :]).cos()
+    expected = cv.from_basis(g * cv.to_basis(h, basis), basis)
+    torch.testing.assert_close(nets.spectral_modulation(h, g, basis), expected, rtol=1e-12, atol=1e-12)
+    assert (nets.spectral_modulation(h, torch.ones_like(g), basis) - h).abs().max() < 1e-12  # g = 1: identity
+
+    K = torch.arange(16, dtype=torch.float64)
+    full = torch.minimum(K, 16 - K) if basis == "fft" else K
+    G = (full[:, None] + 2 * full[None, :]).cos().expand(1, 1, 16, 16)
+    if basis == "fft":
+        G = torch.fft.fftshift(G, dim=(-2, -1))  # the embedding's layout: zero frequency in the middle
+    torch.testing.assert_close(nets.frequency_crop(G, basis, 8, 8)[0, 0], (freq[:, None] + 2 * freq[None, :]).cos())
 
 
 def test_energy_reduction_is_float64_under_bf16_autocast():
@@ -335,9 +406,9 @@ def test_a_few_dual_loss_steps_lower_the_loss_on_a_fixed_batch():
     def loss():
         return aebm.dual_score_loss(model, x, groups, generator=torch.Generator().manual_seed(1))[0]
     first = loss().item()
-    for _ in range(15):
+    for _ in range(30):
         opt.zero_grad()
         loss().backward()
         opt.step()
     last = loss().item()
-    assert last < 0.95 * first, (first, last)
+    assert last < 0.8 * first, (first, last)  # measured 0.68 (0.66 for the pooled form)
