@@ -165,8 +165,10 @@ def spectral_modulation(h, g, basis):
     if basis == "dct":
         Dh, Dw = cv.dct_matrix(h.shape[-2], h.dtype, h.device), cv.dct_matrix(h.shape[-1], h.dtype, h.device)
         return Dh.T @ (g * (Dh @ h @ Dw.T)) @ Dw
-    # fft: real part, a real linear map of h (exactly U^H(g U h) when g is conjugate-symmetric)
-    return torch.fft.ifft2(g * torch.fft.fft2(h, norm="ortho"), norm="ortho").real.to(h.dtype)
+    # fft: real part, a real linear map of h (exactly U^H(g U h) when g is conjugate-symmetric); torch's FFT
+    # has no bf16 kernels, so half-precision features are transformed in float32
+    hf = h.float() if h.dtype in (torch.bfloat16, torch.float16) else h
+    return torch.fft.ifft2(g.to(hf.dtype) * torch.fft.fft2(hf, norm="ortho"), norm="ortho").real.to(h.dtype)
 
 
 def frequency_crop(g, basis, h, w):
@@ -319,13 +321,13 @@ class UNet(nn.Module):
         for level, (conv_sp, conv_spec) in enumerate(zip(self.gain_spatial, self.gain_spectral)):
             e = F.avg_pool2d(spatial, 2 ** level) if level > 0 and spatial.shape[-1] > 1 else spatial
             g = conv_sp(e)  # (B, width, h, w): all the blocks of this level
-            g_freq = None
+            g_freq = [None] * len(self.split[level])
             if spectral is not None and self.spectral_mode == "pooled":
                 g = g + conv_spec(spectral)
             elif spectral is not None:  # the frequencies a map of this level carries, in its own layout
-                g_freq = frequency_crop(conv_spec(spectral), basis, size[0] >> level, size[1] >> level)
-            split = lambda t: list(torch.split(t, self.split[level], dim=1)) if t is not None else [None] * len(self.split[level])
-            per_level.append(list(zip(split(g), split(g_freq))))
+                g_freq = conv_spec(frequency_crop(spectral, basis, size[0] >> level, size[1] >> level))
+                g_freq = torch.split(g_freq, self.split[level], dim=1)
+            per_level.append(list(zip(torch.split(g, self.split[level], dim=1), g_freq)))
         return [per_level[level].pop(0) for level in self.levels]
 
     def forward(self, x, cov, with_offset=False):

@@ -93,13 +93,11 @@ def build_parser():
     a.add_argument("--crop", default=None, choices=["center", "random"],
                    help="--dataset folder: each file's centred square resized to --img-size (default), or random "
                         "--img-size crops at the photographs' own resolution (preset photos)")
-    a.add_argument("--scale", type=float, default=1.0,
-                   help="with --crop random: shrink every photograph by this factor (0 < SCALE <= 1) before cropping")
+    a.add_argument("--scale", type=float, default=1.0, help="with --crop random: shrink photographs by 0 < SCALE <= 1 first")
     a.add_argument("--config", default=None, help=f"network, one of {sorted(nets.CONFIGS)} (preset: small / paper64)")
     a.add_argument("--dropout", type=float, default=None, help="dropout rate of the UNet (default: the config's)")
     a.add_argument("--spectral", default="frequency", choices=["frequency", "pooled"],
-                   help="how a blur/SR Sigma conditions the UNet: gains per frequency, applied in the basis "
-                        "(default), or the paper's per-channel gains pooled over frequencies (nets.py)")
+                   help="a blur/SR Sigma's gains: per frequency (default) or the paper's, pooled (nets.py)")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
 
     a = p.add_argument_group("the loss and its covariances (docs/method.md §2, §4)")
@@ -501,8 +499,7 @@ def check_same_config(saved, args, path):
     diff = {k: (saved.get(k), getattr(args, k)) for k in nets.ARCHITECTURE_KEYS if saved.get(k) != getattr(args, k)}
     if leaf_radii(saved) != leaf_radii(vars(args)):
         diff["leaf_radii"] = (leaf_radii(saved), leaf_radii(vars(args)))
-    # how an image folder becomes training images, and the spectral conditioning (older checkpoints: pooled)
-    for k, default in (("crop", "center"), ("scale", 1.0), ("spectral", "pooled")):
+    for k, default in (("crop", "center"), ("scale", 1.0), ("spectral", "pooled")):  # older checkpoints lack these
         if saved.get(k, default) != getattr(args, k):
             diff[k] = (saved.get(k, default), getattr(args, k))
     if diff:

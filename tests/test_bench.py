@@ -85,5 +85,7 @@ def test_flop_count_matches_the_layers_and_the_energy_step_does_twice_the_score_
     assert counted == sum(by_layers) + attention, (counted, sum(by_layers), attention)
 
     t = bench.train_step_times("tiny", 16, 3, 2, torch.device("cpu"), False, False, rounds=1, warmup=0)
-    assert abs(t["flops_b"] / t["flops_a"] - 2) < 0.02, t
+    # (1.97 with a spectral Sigma's gains per frequency: the FFTs applying them are not matrix products, and
+    # their gain maps are formed once per step in either step)
+    assert abs(t["flops_b"] / t["flops_a"] - 2) < 0.04, t
     assert 1 < t["flops_c"] / t["flops_b"] < 1.05, t
