@@ -300,6 +300,42 @@ def log_posterior(energy, x, y, cov_y, prior_basis="pixel", s_prior=S_MIN):
     return log_prob(energy, x, s=s_prior, basis=prior_basis) + log_lik - log_evidence
 
 
+# Entropies and information (docs/method.md §6). Only a normalized density has them: with an offset
+# c(Sigma), every number below would move by it.
+
+def mean_and_error(v):
+    """Monte-Carlo mean of a (n,) sample and its standard error, as floats."""
+    v = v.double()
+    return v.mean().item(), (v.std() / math.sqrt(v.numel())).item() if v.numel() > 1 else float("nan")
+
+
+def posterior_entropy(energy, samples, y, cov_y, prior_basis="pixel"):
+    """H[x | y~] = E_{x ~ p(x|y~)} [-log p(x | y~)] for ONE observation (y~ (1, C, H, W), Sigma_y batch 1), from
+    n posterior samples (n, C, H, W) and the normalized posterior density (log_posterior). Returns (H,
+    standard error) in nats. An unbiased estimate only if the samples come from the posterior that the
+    density describes: a sampler that is too wide or too narrow biases it (docs/results.md §6 measures it)."""
+    n = samples.shape[0]
+    y_n = y.expand(n, *y.shape[1:])
+    cov_n = Covariance(cov_y.s.expand(n, *cov_y.s.shape[1:]), cov_y.basis, check=False)
+    return mean_and_error(-log_posterior(energy, samples, y_n, cov_n, prior_basis))
+
+
+def noise_entropy(prob):
+    """H[y_obs | x] = 1/2 log(2 pi e sigma_n^2) per measured coordinate (the informative ones, as
+    degradation_nll with observed_only counts them), in nats, for each image of prob's batch."""
+    return 0.5 * prob.informative.flatten(1).sum(1).double() * math.log(2 * math.pi * math.e * prob.sigma_n ** 2)
+
+
+def information(energy, y_obs, prob, mean):
+    """I(x; y_obs) = H[y_obs] - H[y_obs | x] in nats, from observations y_obs (B, C, H, W) of images drawn
+    from the prior: H[y_obs] = E[-log p(y_obs)] by the normalized evidence (degradation_nll, measured
+    coordinates only) and H[y_obs | x] in closed form (noise_entropy). One energy evaluation per
+    observation and no posterior samples: it equals H[x] - E H[x | y] for the true density, and the
+    learned one's error is its normalization offset under this degradation. Returns (I, standard error)."""
+    nll = degradation_nll(energy, y_obs, prob, mean, observed_only=True)
+    return mean_and_error(nll - noise_entropy(prob).to(nll.device))
+
+
 def degradation_nll(energy, y_obs, prob, mean, observed_only=False):
     """-log p(y_obs) under the degradation `prob`, from the normalized energy of its denoising
     observation (M2) by a change of variables in the basis, z = U y_obs:
