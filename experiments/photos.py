@@ -8,6 +8,7 @@ from, and what a user restoring such images needs to know.
     python -m experiments.photos --check runs/photos/ckpt.pt                # the evidence check's accuracy
     python -m experiments.photos --calibration runs/photos/ckpt.pt          # sample error against the mean's
     python -m experiments.photos --calibration exact --sampler mala         # the same path with the exact prior
+    python -m experiments.photos --spectrum runs/photos/ckpt.pt             # the prior's samples' spectrum against the images'
 
 The folder stands in for a user's photographs: dead leaves rendered at 256 x 192, far larger than the
 32 x 32 crops the photos preset trains on, saved as PNG and (every fourth) JPEG, so the reader, the
@@ -122,6 +123,30 @@ def calibration(energy, x, basis="dct", sampler="ula", steps=150):
     return rows
 
 
+BANDS = [0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.5]  # radial DCT frequency |k| / N, 0.5 = half the sampling rate
+
+
+def band_power(x, bands=BANDS):
+    """Mean power of the DCT coefficients of x in each radial band (the mean image's DC left in)."""
+    H, W = x.shape[-2:]
+    r = ((torch.arange(H).view(-1, 1) / H) ** 2 + (torch.arange(W).view(1, -1) / W) ** 2).sqrt()
+    z = cv.to_basis(x.double(), "dct").square()
+    return [z[..., (r >= lo) & (r < hi)].mean().item() for lo, hi in zip(bands[:-1], bands[1:])]
+
+
+def spectrum(energy, x, levels=150, seed=0):
+    """Where a miscalibrated sample's error lives: the power spectrum (band_power) of the model's
+    unconditional samples (sample.generate, default schedule) against that of images x. Under blur the
+    high frequencies are the prior's alone, so a prior whose samples carry too much power there gives
+    posterior samples too far from the truth, whatever the sampler."""
+    g = torch.Generator().manual_seed(seed)
+    drawn = sample.generate(energy, x.shape, levels=levels, s_end=1e-4, generator=g).x_mean
+    truth, model = band_power(x), band_power(drawn)
+    for lo, hi, t, m in zip(BANDS[:-1], BANDS[1:], truth, model):
+        print(f"|k|/N {lo:.2f}-{hi:.2f}: images {t:.2e}  unconditional samples {m:.2e}  ratio {m / t:.2f}", flush=True)
+    return truth, model
+
+
 def full_size(energy, out, size=256, seed=99):
     """The check on one photograph at full size: a size x size dead-leaves rendering of the folder's kind,
     blurred (b = 1.5, sigma 0.02), written to OUT/sharp.png and OUT/blurred.png (for timing sample.py on it);
@@ -156,6 +181,8 @@ def main(argv=None):
                         "Gaussian field's own prior on field images (blur in its fft basis)")
     p.add_argument("--sampler", default="ula", choices=["ula", "mala", "adaptive"], help="--calibration's sampler")
     p.add_argument("--steps", type=int, default=150, help="--calibration's levels (sample.py's default on a CPU)")
+    p.add_argument("--spectrum", default=None, metavar="CKPT",
+                   help="power spectrum of the model's unconditional samples against held-out windows of --folder")
     p.add_argument("--full-size", default=None, metavar="CKPT", help="the check on one 256x256 photograph")
     p.add_argument("--images", type=int, default=8, help="images per domain and task")
     a = p.parse_args(argv)
@@ -163,6 +190,8 @@ def main(argv=None):
         print(f"{len(make_folder(a.make_folder, a.n))} images in {a.make_folder}")
     if a.check:
         check([load_model(spec) for spec in a.check], a.folder, a.images)
+    if a.spectrum:
+        spectrum(nets.load_energy(a.spectrum)[0], domain_images("leaves", a.images, a.folder).float(), a.steps)
     if a.full_size:
         full_size(nets.load_energy(a.full_size)[0], "runs/photos_256")
     if a.calibration == "exact":

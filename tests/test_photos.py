@@ -126,3 +126,18 @@ def test_progress_lines_count_every_evaluation_and_quiet_silences_them():
         quiet(1)
     quiet.close()
     assert quiet.stream.getvalue() == ""
+
+
+def test_band_power_of_white_noise_is_its_variance_in_every_band():
+    """The orthonormal DCT keeps white noise white: every radial band holds the noise variance."""
+    x = 0.1 * torch.randn(16, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(photos.band_power(x), 0.01, rtol=0.1)
+
+
+def test_spectrum_of_the_exact_priors_samples_matches_its_images():
+    """The diagnosis of miscalibrated samples, on a prior whose samples are right: the Gaussian field's
+    exact energy generates images with the images' power in every band (ratio within 25 %)."""
+    prior = data.GaussianField((24, 32), 1).prior
+    x = prior.sample(32, torch.Generator().manual_seed(1))
+    truth, model = photos.spectrum(prior, x, levels=100)
+    assert all(0.8 < m / t < 1.25 for t, m in zip(truth, model)), [m / t for t, m in zip(truth, model)]
