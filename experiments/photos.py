@@ -144,6 +144,14 @@ def spectrum(energy, x, levels=150, seed=0):
     truth, model = band_power(x), band_power(drawn)
     for lo, hi, t, m in zip(BANDS[:-1], BANDS[1:], truth, model):
         print(f"|k|/N {lo:.2f}-{hi:.2f}: images {t:.2e}  unconditional samples {m:.2e}  ratio {m / t:.2f}", flush=True)
+    # The denoiser along the path: the posterior mean's error per band over the band's power (1 = the error
+    # of answering the mean image; a denoiser that removes the noise it cannot resolve stays below 1).
+    centred = band_power(x - aebm.energy_mean(energy))
+    for s in (1.0, 0.1, 0.01):
+        y = x + math.sqrt(s) * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        x_hat = aebm.posterior_mean(energy, y, cv.isotropic(s, x.shape, "pixel", dtype=x.dtype)).detach()
+        ratios = [e / t for e, t in zip(band_power(x_hat - x), centred)]
+        print(f"denoising at sigma^2 = {s:g}: error / band power " + " ".join(f"{r:.2f}" for r in ratios), flush=True)
     return truth, model
 
 
