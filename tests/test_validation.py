@@ -75,5 +75,11 @@ def test_learned_gaussian_field_energies_approach_the_exact_density(tmp_path):
     # whatever F extrapolates to (0.025 here, 0.30 for the 16x16 small model of docs/results.md §2); the
     # mixture test above is the CI-scale proof that dual normalizes and DSM-only drifts.
     assert spread["dual"] < 0.12, spread
+    # Images ranked by probability (experiments/probability.py): the learned log p must rank held-out images as
+    # the exact density does.
+    from experiments import probability as pr
+    ranked = {name: pr.analyse(models[name], x, str(tmp_path / name), exact=ds.prior) for name in ("dual", "dsm")}
+    print({name: (r["exact_spearman"], r["mean_difference"]) for name, r in ranked.items()})
+    assert ranked["dual"]["exact_spearman"] > 0.8, ranked["dual"]
     path = gi.plot_candidates(models, 8, str(tmp_path / "blind.png"))
     assert path.endswith(".png")
