@@ -11,8 +11,8 @@ and beside them the learned model's one-shot posterior mean (M4) and the Wiener 
 fitted to training images (the classical answer; on the field, nearly the exact posterior mean). On
 any other dataset (dead leaves) the same quantities as PSNR.
 
-    python -m experiments.schedules --ckpt runs/normalization/dual/ckpt.pt      # 16x16 field
-    python -m experiments.schedules --ckpt runs/hour/ckpt.pt --plot docs/schedules_leaves.png   # dead leaves: PSNR
+    python -m experiments.schedules --ckpt runs/normalization/dual/ckpt.pt --images 8   # 16x16 field
+    python -m experiments.schedules --ckpt runs/hour/ckpt.pt --images 4 --plot docs/schedules_leaves.png   # dead leaves: PSNR
 
 Equal NFE: the geometric path takes L levels with one ULA corrector each (1 + 2L evaluations); the
 adaptive one needs dE/dlog s of the corrected state, one more evaluation per level, so it takes
