@@ -222,10 +222,11 @@ def rank_correlation(a, b):
     return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
 
 
-def design(energy, x, candidates, prior=None, restore=True, seed=0):
+def design(energy, x, candidates, prior=None, restore=True, seed=0, fitted=None):
     """Every candidate's information I(x; y) expected by the model (aebm.information over the images x: one
     observation each) and, with `prior` (a Gaussian, dense), the exact one; with restore, the posterior-mean
-    PSNR of those observations. Returns the rows in the candidates' order."""
+    PSNR of those observations, beside the observation's own and (with `fitted`, a Gaussian fitted to
+    training images) the Wiener filter's. Returns the rows in the candidates' order."""
     dtype, mean = aebm.energy_dtype(energy), aebm.energy_mean(energy)
     rows = []
     for family, param, label, prob in candidates:
@@ -239,9 +240,15 @@ def design(energy, x, candidates, prior=None, restore=True, seed=0):
             y, cov = probs.to_denoising(y_obs, mean)
             x_hat = aebm.posterior_mean(energy, y.to(dtype), cv.Covariance(cov.s.to(dtype), cov.basis)).double()
             row["psnr"] = data.psnr(x_hat.clamp(-1, 2), x.double()).mean().item()
+            row["psnr_observed"] = data.psnr(y_obs, x.double()).mean().item()
+            if fitted is not None:
+                x_w = fitted.posterior_mean(*probs.to_denoising(y_obs, fitted.mean))
+                row["psnr_wiener"] = data.psnr(x_w, x.double()).mean().item()
         rows.append(row)
         print(f"{label:28s} I {I:8.1f} ± {err:.1f} nats" + (f"  exact {row['I_exact']:8.1f}" if prior is not None else "")
-              + (f"  posterior mean {row['psnr']:.2f} dB" if restore else ""), flush=True)
+              + (f"  posterior mean {row['psnr']:.2f} dB" if restore else "")
+              + (f", Wiener {row['psnr_wiener']:.2f}" if "psnr_wiener" in row else "")
+              + (f", observation {row['psnr_observed']:.2f}" if restore else ""), flush=True)
     return rows
 
 
@@ -295,7 +302,7 @@ def main(argv=None):
     p.add_argument("--correctors", type=int, default=2, help="MALA steps per level")
     p.add_argument("--no-exact-sampler", action="store_true",
                    help="skip the exact prior's sampler under masks (a dense Cholesky per step: it draws a quarter of "
-                        "--samples there, ~2 min per mask task)")
+                        "--samples there)")
     p.add_argument("--design", action="store_true", help="rank measurements of equal cost instead of the table")
     p.add_argument("--leaves", default=None, help="--design: a dead-leaves model (e.g. the hour preset's) to rank and restore with")
     p.add_argument("--images", type=int, default=64, help="--design: held-out images per candidate")
@@ -319,7 +326,9 @@ def main(argv=None):
     if a.leaves:
         leaves, config = nets.load_energy(a.leaves)[:2]
         xl = data.dataset_for(config, "test").get_batch(a.images, torch.Generator().manual_seed(a.seed + 2))
-        rows = design(leaves, xl, design_candidates(xl.shape, config["spectral_basis"]), seed=a.seed)
+        train_images = data.dataset_for(config, "train").get_batch(512, torch.Generator().manual_seed(a.seed + 3))
+        fitted = aebm.fit_gaussian(train_images.double(), config["spectral_basis"])  # the classical answer
+        rows = design(leaves, xl, design_candidates(xl.shape, config["spectral_basis"]), seed=a.seed, fitted=fitted)
         out["leaves"] = summarize_design(rows, "leaves")
         panels["leaves, learned"] = (rows, xl[0].numel())
     plot_design(a.plot, panels)
