@@ -317,12 +317,11 @@ def main(argv=None):
         print_markdown(rows, H_x, SIZE * SIZE)
         return rows
     x = prior.sample(a.images, torch.Generator().manual_seed(a.seed + 1))
-    panels, out = {}, {}
+    out = {}
     for name, e in (("field, exact prior", prior), ("field, learned", energy)):
         rows = design(e, x, design_candidates(x.shape, "fft"), prior=prior, restore=False, seed=a.seed)
         out[name] = summarize_design(rows, name)
-        panels[name if name != "field, exact prior" else "field"] = (rows, x[0].numel())
-    panels.pop("field")  # the exact prior's own curve is drawn as the learned panel's ", exact"
+    panels = {"field, learned": (rows, x[0].numel())}  # its rows carry the exact I too, drawn as "field, exact"
     if a.leaves:
         leaves, config = nets.load_energy(a.leaves)[:2]
         xl = data.dataset_for(config, "test").get_batch(a.images, torch.Generator().manual_seed(a.seed + 2))
