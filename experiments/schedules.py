@@ -40,15 +40,22 @@ def levels_at_equal_nfe(levels_geometric):
     return levels_geometric, (nfe - 1) // 3, nfe
 
 
-def compare(energy, prior, fitted, x, rho, levels=150, k=4, sigma=0.01, seed=0):
-    """One row: errors over Bayes for both schedules at equal NFE, the one-shot posterior mean and the fitted
-    Wiener filter, for images x (n, C, H, W) each observed on its own random mask. prior None (no exact
-    posterior): mean squared errors instead of ratios (psnr_rows turns them into PSNR)."""
+def observe(x, rho, sigma=0.01, seed=0):
+    """Each image of x on its own random mask with a fraction rho observed, noise sigma: (generator, the
+    degradation, y_obs). The generator goes on to drive the samplers."""
     g = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
     missing = cv.random_mask(x.shape, 1 - rho, g)
     prob = cv.inpainting_problem(missing, x.shape[1], sigma, torch.float64)
-    y_obs = prob.measure(x.double(), g)
+    return g, prob, prob.measure(x.double(), g)
+
+
+def compare(energy, prior, fitted, x, rho, levels=150, k=4, sigma=0.01, seed=0):
+    """One row: errors over Bayes for both schedules at equal NFE, the one-shot posterior mean, the fitted
+    Wiener filter and the observation itself (missing pixels at the data mean), for images x (n, C, H, W)
+    each observed on its own random mask. prior None (no exact posterior): mean squared errors instead of
+    ratios (`psnr` turns them into PSNR)."""
+    g, prob, y_obs = observe(x, rho, sigma, seed)
+    n = x.shape[0]
     dtype, mean = aebm.energy_dtype(energy), aebm.energy_mean(energy)
     y, cov = prob.to_denoising(y_obs, mean)
     mse = lambda a: (a.double() - x.double()).square().flatten(1).mean(1)  # per image
@@ -59,6 +66,7 @@ def compare(energy, prior, fitted, x, rho, levels=150, k=4, sigma=0.01, seed=0):
     row = dict(rho=rho, bayes=bayes.mean().item())
     row["mean"] = (mse(aebm.posterior_mean(energy, y.to(dtype), cv.Covariance(cov.s.to(dtype), cov.basis))) / bayes).mean().item()
     row["wiener"] = (mse(fitted.posterior_mean(*prob.to_denoising(y_obs, fitted.mean))) / bayes).mean().item()
+    row["observed"] = (mse(y) / bayes).mean().item()
     L_geo, L_ada, nfe = levels_at_equal_nfe(levels)
     y_k = y.to(dtype).repeat_interleave(k, 0)  # k samples per image, in one batch
     cov_k = cv.Covariance(cov.s.to(dtype).repeat_interleave(k, 0), cov.basis)
@@ -85,12 +93,12 @@ def run(energy, prior, fitted, x, levels=150, k=4, seed=0):
             print(f"{rho:4.0%} observed, PSNR: one sample geometric {psnr(r['geometric_sample']):.2f} adaptive "
                   f"{psnr(r['adaptive_sample']):.2f} | mean of {k}: geometric {psnr(r['geometric_average']):.2f} "
                   f"adaptive {psnr(r['adaptive_average']):.2f} | one-shot mean {psnr(r['mean']):.2f} | fitted Wiener "
-                  f"{psnr(r['wiener']):.2f} dB | NFE {r['nfe']}", flush=True)
+                  f"{psnr(r['wiener']):.2f} | observation {psnr(r['observed']):.2f} dB | NFE {r['nfe']}", flush=True)
             continue
         print(f"{rho:4.0%} observed: Bayes MSE {r['bayes']:.2e} | one sample / Bayes: geometric {r['geometric_sample']:.2f} "
               f"adaptive {r['adaptive_sample']:.2f} (exact 2) | mean of {k}: geometric {r['geometric_average']:.2f} "
               f"adaptive {r['adaptive_average']:.2f} (exact {1 + 1 / k:.2f}) | one-shot mean {r['mean']:.3f} | "
-              f"fitted Wiener {r['wiener']:.3f} | NFE {r['nfe']}", flush=True)
+              f"fitted Wiener {r['wiener']:.3f} | observation {r['observed']:.2f} | NFE {r['nfe']}", flush=True)
     return rows
 
 
