@@ -396,7 +396,8 @@ def log_uniform(n, lo, hi, generator=None):
 
 
 def sample_training_covariances(shape, spectral_basis="fft", p_isotropic=0.1, s_range=(S_MIN, S_MAX),
-                                noise_range=(1e-6, 1.0), generator=None, dtype=None, device="cpu", p_hole=0.0):
+                                noise_range=(1e-6, 1.0), generator=None, dtype=None, device="cpu", p_hole=0.0,
+                                p_random=0.0):
     """Draw one covariance per image of a batch of `shape` (docs/method.md §2).
 
     Each image is, with probability 1/2, a pixel-basis mask (box or half, size uniform in 1..H,
@@ -406,6 +407,9 @@ def sample_training_covariances(shape, spectral_basis="fft", p_isotropic=0.1, s_
     p_hole (aebm's addition, 0 by default): the fraction of masks drawn like an inpainting task, the
     hole's variance log-uniform in [1, hi] and the observed pixels' in [lo, 1e-2]; independent draws
     make that combination only ~8% of masks.
+    p_random (aebm's addition, 0 by default): the fraction of masks that are random pixel masks, each pixel
+    missing with probability rho ~ U[0.05, 0.95], the scattered-pixel inpainting of the paper's Fig. 6;
+    boxes and halves alone never show the network a mask that is missing everywhere and nowhere.
 
     A `Covariance` has one basis, so the batch comes back as a list of (slice, Covariance) groups:
     the pixel-basis images first, then the spectral ones. Callers evaluate each group and
@@ -424,7 +428,10 @@ def sample_training_covariances(shape, spectral_basis="fft", p_isotropic=0.1, s_
             if torch.rand(1, generator=g).item() < p_isotropic:
                 s[i] = log_uniform(1, *s_range, g).item()
             elif basis == "pixel":
-                if torch.rand(1, generator=g).item() < 0.5:
+                if p_random > 0 and torch.rand(1, generator=g).item() < p_random:  # (no draw when off)
+                    rho = 0.05 + 0.9 * torch.rand(1, generator=g).item()
+                    missing = random_mask((1, 1, H, W), rho, g)
+                elif torch.rand(1, generator=g).item() < 0.5:
                     size = int(torch.randint(1, min(H, W) + 1, (1,), generator=g))
                     top = int(torch.randint(0, H - size + 1, (1,), generator=g))
                     left = int(torch.randint(0, W - size + 1, (1,), generator=g))

@@ -113,6 +113,8 @@ def build_parser():
                    help="fraction of training masks drawn like inpainting: hole variance in [1, HI], observed in "
                         "[LO, 1e-2]; 0: independent draws, as in the paper (preset: 0.5 for quick and hour, else 0)")
     a.add_argument("--p-iso", type=float, default=0.1, help="fraction of isotropic training covariances")
+    a.add_argument("--p-random", type=float, default=0.0,
+                   help="fraction of training masks that are random pixel masks, 5-95%% missing (default 0: boxes and halves)")
     a.add_argument("--spectral-noise-max", type=float, default=1.0,
                    help="largest noise variance of the blur/SR training draws (from LO of --s-range); above 1 "
                         "the spectral families reach M3's s -> infinity anchor along their own noise axis")
@@ -174,6 +176,7 @@ def check_args(p, args):
                                   ("--ema", args.ema, 0 <= args.ema < 1, "in [0, 1)"),
                                   ("--p-iso", args.p_iso, 0 <= args.p_iso <= 1, "in [0, 1]"),
                                   ("--p-hole", args.p_hole, 0 <= args.p_hole <= 1, "in [0, 1]"),
+                                  ("--p-random", args.p_random, 0 <= args.p_random <= 1, "in [0, 1]"),
                                   ("--lam", args.lam, args.lam >= 0, "0 or more"),
                                   ("--dropout", args.dropout, 0 <= args.dropout < 1, "in [0, 1)")]:
         if not (math.isfinite(value) and ok):
@@ -210,10 +213,11 @@ def draw_batch(ds, n, g_data, device, dtype):
 
 
 def training_ranges(args):
-    """--s-range, --spectral-noise-max and --p-hole as keyword arguments of cv.sample_training_covariances
-    (spectral noise variance from LO to min(HI, --spectral-noise-max))."""
+    """--s-range, --spectral-noise-max, --p-hole and --p-random as keyword arguments of
+    cv.sample_training_covariances (spectral noise variance from LO to min(HI, --spectral-noise-max))."""
     lo, hi = args.s_range
-    return dict(s_range=(lo, hi), noise_range=(lo, min(hi, args.spectral_noise_max)), p_hole=args.p_hole)
+    return dict(s_range=(lo, hi), noise_range=(lo, min(hi, args.spectral_noise_max)), p_hole=args.p_hole,
+                p_random=args.p_random)
 
 
 def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None):

@@ -238,3 +238,31 @@ def test_p_hole_draws_inpainting_like_masks_and_zero_leaves_the_stream_unchanged
 def test_bad_input_raises_a_clear_value_error(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
+
+
+def test_p_random_draws_scattered_pixel_masks_and_zero_leaves_the_stream_unchanged():
+    """--p-random: that share of masks is missing pixel by pixel, at a fraction between 5 and 95 %; such a mask
+    is no box or half (its missing pixels are neither one rectangle nor the rows below one); p_random = 0
+    draws nothing extra."""
+    shape, s_range = (600, 1, 16, 16), (1e-4, 1e3)
+    def masks(p_random):
+        groups = cv.sample_training_covariances(shape, "dct", p_isotropic=0.0, s_range=s_range, p_hole=1.0,
+                                                generator=torch.Generator().manual_seed(0), p_random=p_random)
+        return groups, [cov.s for _, cov in groups if cov.basis == "pixel"][0]
+    def scattered(s):  # the hole (variance >= 1) is not its own bounding box
+        hole = s[0] >= 1
+        if not hole.any():
+            return False
+        rows, cols = hole.any(1).nonzero(), hole.any(0).nonzero()
+        return hole.sum() < (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    _, s0 = masks(0.0)
+    assert not any(scattered(s) for s in s0)
+    _, s1 = masks(0.4)
+    share = sum(scattered(s) for s in s1) / len(s1)
+    assert abs(share - 0.4) < 0.07  # ~300 masks: standard error 0.03
+    fractions = [(s[0] >= 1).float().mean().item() for s in s1 if scattered(s)]
+    assert min(fractions) > 0.0 and max(fractions) < 1.0 and 0.35 < sum(fractions) / len(fractions) < 0.65
+    default = cv.sample_training_covariances(shape, "dct", p_isotropic=0.0, s_range=s_range, p_hole=1.0,
+                                             generator=torch.Generator().manual_seed(0))
+    for (_, a), (_, b) in zip(masks(0.0)[0], default):
+        torch.testing.assert_close(a.s, b.s, rtol=0, atol=0)
