@@ -371,9 +371,66 @@ def load_dataset(name, img_size, channels=3, root=None, split="train", leaf_radi
 def dataset_for(config, split, root=None):
     """The dataset a run's or a checkpoint's config describes (dataset, size, channels, dead leaves' radii,
     how an image folder is cropped, and where it lives unless `root` says otherwise): every tool that
-    draws images for a checkpoint draws them from here."""
-    return load_dataset(config["dataset"], config["img_size"], config["channels"], root or config.get("data_dir"),
-                        split, config.get("leaf_radii"), config.get("crop", "center"), config.get("scale", 1.0))
+    draws images for a checkpoint draws them from here. A run trained on a finite set (--train-images)
+    gets that very set back as its "train" split; its "test" split is the dataset's own."""
+    ds = load_dataset(config["dataset"], config["img_size"], config["channels"], root or config.get("data_dir"),
+                      split, config.get("leaf_radii"), config.get("crop", "center"), config.get("scale", 1.0))
+    if split == "train" and config.get("train_images", 0):
+        ds = finite_subset(ds, config["train_images"], config.get("subset", 0))
+    return ds
+
+
+# -----------------------------------------------------------------------------
+# A finite training set: the strong-generalization test (experiments/generalization.py) trains pairs of
+# models on disjoint sets of N images and asks whether they learn the same density.
+
+SUBSET_SEED = 31_337  # the pool every subset is cut from; no other stream in the project uses it
+
+
+class FiniteSet:
+    """A fixed set of generated training images (N, C, H, W) held in memory, drawn with replacement; `ids`
+    are their positions in the generated pool, so that two sets can be checked disjoint (on-disk subsets
+    carry the same attribute: indices into the training split)."""
+
+    def __init__(self, images, ids, img_size):
+        self.images, self.ids, self.img_size = images, ids, img_size
+        self.channels = images.shape[1]
+        # M3's mu and sigma_d^2 are the training data's: here the set's own
+        self.mean, self.var = float(images.mean()), float(images.var())
+
+    def __len__(self):
+        return len(self.images)
+
+    def get_batch(self, n, generator=None):
+        return self.images[torch.randint(len(self), (n,), generator=generator)]
+
+
+def finite_subset(ds, n, subset=0):
+    """Subset number `subset` of n training images of ds: images subset*n ... (subset+1)*n - 1 of a fixed pool,
+    so that different subsets never share an image. The pool of a dataset on disk is its training split in a
+    fixed random order; that of a built-in dataset is a stream of generated images (each block of n drawn
+    from SUBSET_SEED: reproducible, and independent of the held-out images every tool draws with its own seeds).
+    An image folder with random crops keeps its random crops: the set is n photographs, not n crops. M3's mu
+    and sigma_d^2 are then the subset's own, as they are the training data's in every run."""
+    if n < 1 or subset < 0:
+        raise ValueError(f"a finite training set needs n >= 1 images and subset >= 0, got {n} and {subset}")
+    g = torch.Generator().manual_seed(SUBSET_SEED)
+    if not hasattr(ds, "__len__"):  # generated: subset k is block k of the stream, blocks of n images each
+        for _ in range(subset + 1):
+            images = ds.get_batch(n, g).float()
+        ids = torch.arange(subset * n, (subset + 1) * n)
+        return FiniteSet(images, ids, ds.img_size)
+    if (subset + 1) * n > len(ds):
+        raise ValueError(f"--train-images {n} --subset {subset} needs {(subset + 1) * n} training images and the "
+                         f"dataset has {len(ds)}: pass a smaller --train-images or --subset")
+    ids = torch.randperm(len(ds), generator=g)[subset * n : (subset + 1) * n]
+    # the same reader over fewer images: uint8 arrays stay uint8, files are still read on demand
+    if isinstance(ds, ArrayImages):
+        sub = ArrayImages(ds.images[ids.numpy()], ds.img_size)
+    else:
+        sub = FileImages([ds.files[int(i)] for i in ids], ds.img_size, ds.channels, ds.crop, ds.size, ds.scale)
+    sub.ids = ids
+    return sub
 
 
 # -----------------------------------------------------------------------------

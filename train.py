@@ -94,6 +94,10 @@ def build_parser():
                    help="--dataset folder: each file's centred square resized to --img-size (default), or random "
                         "--img-size crops at the photographs' own resolution (preset photos)")
     a.add_argument("--scale", type=float, default=1.0, help="with --crop random: shrink photographs by 0 < SCALE <= 1 first")
+    a.add_argument("--train-images", type=int, default=0,
+                   help="train on a fixed set of N images (0: the whole dataset, or fresh draws of a built-in one)")
+    a.add_argument("--subset", type=int, default=0,
+                   help="with --train-images N: which set of N, disjoint from every other (experiments/generalization.py)")
     a.add_argument("--config", default=None, help=f"network, one of {sorted(nets.CONFIGS)} (preset: small / paper64)")
     a.add_argument("--dropout", type=float, default=None, help="dropout rate of the UNet (default: the config's)")
     a.add_argument("--spectral", default="frequency", choices=["frequency", "pooled"],
@@ -191,6 +195,9 @@ def check_args(p, args):
         p.error(f"--s-range must be two variances 0 < LO < HI with LO < 1, got {lo:g} {hi:g}")
     if not (math.isfinite(args.spectral_noise_max) and args.spectral_noise_max > lo):
         p.error(f"--spectral-noise-max must be above LO of --s-range ({lo:g}), got {args.spectral_noise_max:g}")
+    if args.train_images < 0 or args.subset < 0 or (args.subset and not args.train_images):
+        p.error(f"--train-images N and --subset K must be 0 or more, and --subset needs --train-images, "
+                f"got {args.train_images} and {args.subset}")
     if args.crop == "random" and args.dataset != "folder":
         p.error(f"--crop random (and --preset photos) takes crops of an image folder: pass --dataset folder --data-dir DIR")
     if not 0 < args.scale <= 1 or (args.scale != 1 and args.crop != "random"):
@@ -328,6 +335,8 @@ def load_data(args, ctx):
     a Gaussian prior fitted to 512 training images (its posterior mean is the Wiener filter)."""
     ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "train", args.leaf_radii,
                            args.crop, args.scale)
+    if args.train_images:  # a fixed set of N, recorded in the checkpoint's config (data.dataset_for finds it again)
+        ds = data.finite_subset(ds, args.train_images, args.subset)
     val_ds = data.load_dataset(args.dataset, args.img_size, args.channels, args.data_dir, "test", args.leaf_radii,
                                args.crop, args.scale)
     args.channels = ds.channels
@@ -347,6 +356,7 @@ def build_model(args, ds, ctx):
     config = {k: getattr(args, k) for k in nets.ARCHITECTURE_KEYS}
     config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam,
                   dropout=args.dropout, spectral=args.spectral, leaf_radii=args.leaf_radii, crop=args.crop, scale=args.scale,
+                  train_images=args.train_images, subset=args.subset,
                   data_dir=os.path.abspath(args.data_dir) if args.data_dir else None)  # data.dataset_for reads these
     torch.manual_seed(args.seed)
     energy = nets.build_energy(config, ctx.device)
@@ -503,7 +513,8 @@ def check_same_config(saved, args, path):
     diff = {k: (saved.get(k), getattr(args, k)) for k in nets.ARCHITECTURE_KEYS if saved.get(k) != getattr(args, k)}
     if leaf_radii(saved) != leaf_radii(vars(args)):
         diff["leaf_radii"] = (leaf_radii(saved), leaf_radii(vars(args)))
-    for k, default in (("crop", "center"), ("scale", 1.0), ("spectral", "pooled")):  # older checkpoints lack these
+    for k, default in (("crop", "center"), ("scale", 1.0), ("spectral", "pooled"),  # older checkpoints lack these
+                       ("train_images", 0), ("subset", 0)):
         if saved.get(k, default) != getattr(args, k):
             diff[k] = (saved.get(k, default), getattr(args, k))
     if diff:
@@ -521,7 +532,8 @@ def open_log(args, ctx, m):
         return None
     print(f"{args.dataset} {args.img_size}x{args.img_size}x{args.channels}, {args.config} "
           f"({nets.count_parameters(m.net) / 1e6:.2f} M params), batch {args.batch} on {ctx.world} x {ctx.device}, "
-          f"lam {args.lam}, spectral basis {args.spectral_basis}")
+          f"lam {args.lam}, spectral basis {args.spectral_basis}"
+          + (f", a fixed set of {args.train_images} training images (subset {args.subset})" if args.train_images else ""))
     f = open(ctx.log_path, "a" if args.resume else "w", newline="")
     writer = csv.writer(f)
     if not args.resume:
@@ -701,5 +713,15 @@ def dist_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def cli():
+    """`python train.py ...`: errors of the user's making (a missing or corrupt dataset, a checkpoint of another
+    configuration) as one line, not a traceback, as sample.py does; a run that fails mid-way has already said
+    which step and kept its last checkpoint."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train.py: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()
