@@ -624,6 +624,20 @@ def save_learning_curves(log_path, out_path):
                           xlabel="training time (min)", ylabel="dB above Wiener")
 
 
+def save_panels(path, panels):
+    """Figures side by side in one PNG at path; the panel files (drawn by the plots below) are removed."""
+    images = []
+    for p in panels:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+        os.remove(p)
+    fig = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
+    for k, im in enumerate(images):
+        fig.paste(im, (sum(i.width for i in images[:k]), 0))
+    fig.save(path)
+    return path
+
+
 def save_scatter_plot(path, groups, title="", xlabel="", ylabel="", size=(640, 460)):
     """A scatter plot drawn with pillow: groups is a list of (label, xs, ys, marker) with marker "o"
     (dots) or "x" (crosses, e.g. the truth); returns the path."""

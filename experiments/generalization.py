@@ -27,8 +27,6 @@ import math
 import os
 
 import torch
-from PIL import Image
-
 import data
 import nets
 import train
@@ -142,14 +140,7 @@ def plot(path, rows):
             gaps.append(("exact density", gx, [r["exact_gap"] for r in finite]))
         panels.append(data.save_line_plot(path + ".b.png", gaps, title="memorisation: held-out minus own training images",
                                           xlabel="log10 N per model", ylabel="bits/dim"))
-    images = [Image.open(p).copy() for p in panels]
-    for p in panels:
-        os.remove(p)
-    fig = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
-    for k, im in enumerate(images):
-        fig.paste(im, (sum(i.width for i in images[:k]), 0))
-    fig.save(path)
-    return path
+    return data.save_panels(path, panels)
 
 
 def main(argv=None):

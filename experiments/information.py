@@ -24,11 +24,9 @@ each.
 
 import argparse
 import math
-import os
 import time
 
 import torch
-from PIL import Image
 
 import aebm
 import covariances as cv
@@ -268,28 +266,20 @@ def summarize_design(rows, name):
     return out
 
 
-def plot_design(path, panels):
+def plot_design(path, panels_rows):
     """One figure: for each family, information per dimension (bits) against its parameter, one curve per
-    (data, model) panel entry; panels: {label: rows}."""
-    images = []
+    (data, model) entry; panels_rows: {label: (rows, d)}."""
+    panels = []
     for family, xlabel in (("aperture", "blur width b (noise sigma_0 / (2b)^2)"), ("binning", "r x r pixels per read (noise sigma_0 / r)")):
         curves = []
-        for label, (rows, d) in panels.items():
+        for label, (rows, d) in panels_rows.items():
             sel = [r for r in rows if r["family"] == family]
             curves.append((label, [r["param"] for r in sel], [r["I"] / d / math.log(2) for r in sel]))
             if "I_exact" in sel[0]:
                 curves.append((label.split(",")[0] + ", exact", [r["param"] for r in sel], [r["I_exact"] / d / math.log(2) for r in sel]))
-        tmp = path + f".{family}.png"
-        data.save_line_plot(tmp, curves, title=f"{family}: information at equal photons", xlabel=xlabel,
-                            ylabel="I(x; y), bits/dim")
-        images.append(Image.open(tmp).copy())
-        os.remove(tmp)
-    W, H = sum(i.width for i in images), max(i.height for i in images)
-    fig = Image.new("RGB", (W, H), "white")
-    for k, im in enumerate(images):
-        fig.paste(im, (sum(i.width for i in images[:k]), 0))
-    fig.save(path)
-    return path
+        panels.append(data.save_line_plot(path + f".{family}.png", curves, title=f"{family}: information at equal photons",
+                                          xlabel=xlabel, ylabel="I(x; y), bits/dim"))
+    return data.save_panels(path, panels)
 
 
 def main(argv=None):

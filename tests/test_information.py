@@ -2,6 +2,7 @@
 against the Gaussian field's closed form, computed from dense matrices: 16x16 images, float32 energies."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_posterior_entropy_from_the_sampler_float32(prior):
     assert nfe == 1 + 150 * 3
 
 
-def test_design_with_the_exact_prior_ranks_as_the_closed_form(prior):
+def test_design_with_the_exact_prior_ranks_as_the_closed_form(prior, tmp_path):
     """Candidates of equal photons ranked by the evidence-based information of the exact energy agree with
     the dense closed form: same order, same top choice (two independent computations)."""
     x = prior.sample(64, torch.Generator().manual_seed(13))
@@ -102,6 +103,8 @@ def test_design_with_the_exact_prior_ranks_as_the_closed_form(prior):
     summary = inf.summarize_design(rows, "exact")
     assert summary["rank_exact"] > 0.95 and summary["top_is_exact"]
     assert len({round(r["I_exact"]) for r in rows}) == len(rows)  # the candidates really differ
+    path = inf.plot_design(str(tmp_path / "design.png"), {"field, exact prior": (rows, x[0].numel())})
+    assert sorted(os.listdir(tmp_path)) == ["design.png"]  # one figure, its two panels joined and removed
 
 
 @pytest.mark.parametrize("task", ["blur b=2", "SR x4"])
