@@ -53,7 +53,7 @@ def trained(path, steps):
     """The checkpoint at path if it holds a run of `steps` steps, else None."""
     if not os.path.exists(path):
         return None
-    return path if torch.load(path, map_location="cpu", weights_only=False)["step"] == steps else None
+    return path if nets.load_checkpoint(path)["step"] == steps else None
 
 
 def train_pairs(runs, sizes, steps, **kw):
