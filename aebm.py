@@ -114,9 +114,21 @@ class EnergyModel(nn.Module):
     there (tests/test_precision.py).
     """
 
-    def __init__(self, net, mean=0.5, data_var=0.1):
+    def __init__(self, net, mean=0.5, data_var=0.1, spectrum=None):
         super().__init__()
         self.net, self.mean, self.data_var = net, float(mean), float(data_var)
+        self.spectrum = spectrum  # None: the white anchor; else power-law parameters (fit_spectrum)
+
+    def anchor_var(self, cov):
+        """c: the variance of M3's Gaussian part per coordinate of Sigma's basis. The paper's anchor is white,
+        c = sigma_d^2. With `spectrum` (train.py --anchor spectral) a spectral Sigma gets the data's own power
+        spectrum, c_k = A (|f_k|^2 + f0^2)^(-alpha/2): N(mu, C) is then the Gaussian fitted to the training
+        images, whose Wiener filter and blind deblurring are right on its own, and the learned terms add only
+        what is not Gaussian. A pixel-basis Sigma (a mask) keeps sigma_d^2: C + Sigma would not be diagonal
+        in any basis, and M3's Gaussian part must stay closed-form."""
+        if self.spectrum is None or cov.basis == "pixel":
+            return self.data_var
+        return power_law_spectrum(self.spectrum, *cov.s.shape[-2:], cov.basis, cov.s.device).to(cov.s.dtype)
 
     def mean_z(self, z, cov):
         """U mu: the data mean in basis coordinates (a constant image: only the DC coefficient in fft/dct)."""
@@ -128,11 +140,14 @@ class EnergyModel(nn.Module):
         # The whitening and the reductions run outside autocast: MALA and blind estimation compare
         # energies that differ by a few nats out of 1e4 (docs/method.md §3, Precision).
         with torch.autocast(z.device.type, enabled=False):
-            v = self.data_var + cov.s  # (B, C, H, W)
+            c = self.anchor_var(cov)
+            v = c + cov.s  # (B, C, H, W)
             r = z - self.mean_z(z, cov)  # U(y - mu)
             y_t = r * v.rsqrt()  # whitened coordinates y~
-            w = self.data_var / v
-            x_in = cov.Uh(math.sqrt(self.data_var) * r / v)  # U^H(sqrt(w) y~): the Wiener-shrunk network input
+            w = c / v
+            # the network input: the anchor's Wiener estimate U^H(w (z - mu)) in units of sigma_d; with the white
+            # anchor that is U^H(sqrt(w) y~) = sigma_d (y - mu) / v
+            x_in = cov.Uh(w * r) / math.sqrt(self.data_var)
         if hasattr(self.net, "offset"):  # nets.UNet also gives the learned normalizing constant's offsets b
             F, b = self.net(x_in.to(self.dtype), cov, with_offset=True)  # (B, C, H, W) each; bf16 under autocast
         else:  # any other network F_theta(x, Sigma)
@@ -144,7 +159,8 @@ class EnergyModel(nn.Module):
             if part == "learned":
                 return learned
             # 1/2 sum log(2 pi v) from s in float64 (it is ~1e4 nats at s_huge; only differences matter)
-            gauss = sum_coords(0.5 * y_t.abs().square()) + sum_coords(0.5 * (LOG_2PI + (self.data_var + cov.s.double()).log()))
+            v64 = (c.double() if torch.is_tensor(c) else c) + cov.s.double()
+            gauss = sum_coords(0.5 * y_t.abs().square()) + sum_coords(0.5 * (LOG_2PI + v64.log()))
             return gauss + learned
 
     @property
@@ -162,7 +178,8 @@ class EnergyModel(nn.Module):
         Written as the difference, the two would cancel to ~1e-4 of z ~ 1e4 at s = 1e8 in float32."""
         z = cov.U(y)
         mu = self.mean_z(z, cov)
-        w = self.data_var / (self.data_var + cov.s)
+        c = self.anchor_var(cov)
+        w = c / (c + cov.s)
         _, score_learned, _ = energy_and_scores(self, z, cov, need_log_s=False, part="learned")
         return cov.Uh(mu + w * (z - mu) - cov.s * score_learned)
 
@@ -568,6 +585,57 @@ def fit_gaussian(x, basis, min_images=16):
     return GaussianEnergy(mean, Covariance(c.clamp_min(1e-12), basis))
 
 
+def spatial_frequency(H, W, basis, device="cpu"):
+    """|f_k| in cycles per pixel of every coefficient of an (H, W) spectral basis, (H, W) float64: k / 2N per
+    axis in dct, the distance to the nearest alias min(k, N - k) / N in fft. Measured in cycles per pixel,
+    a stationary image's power spectrum is the same function of f at every image size."""
+    kh = torch.arange(H, dtype=torch.float64, device=device)
+    kw = torch.arange(W, dtype=torch.float64, device=device)
+    if basis == "dct":
+        fh, fw = kh / (2 * H), kw / (2 * W)
+    elif basis == "fft":
+        fh, fw = torch.minimum(kh, H - kh) / H, torch.minimum(kw, W - kw) / W
+    else:
+        raise ValueError(f"spatial frequencies need a spectral basis (fft or dct), got {basis!r}")
+    return torch.sqrt(fh[:, None] ** 2 + fw[None, :] ** 2)
+
+
+def power_law_spectrum(spectrum, H, W, basis, device="cpu"):
+    """c_k = A (|f_k|^2 + f0^2)^(-alpha/2) per channel, (1, C, H, W) float64: the power-law spectrum of
+    fit_spectrum evaluated on an (H, W) image of `basis`, at any size."""
+    f2 = spatial_frequency(H, W, basis, device) ** 2
+    c = [A * (f2 + f0 ** 2) ** (-alpha / 2) for A, alpha, f0 in zip(spectrum["A"], spectrum["alpha"], spectrum["f0"])]
+    return torch.stack(c)[None]
+
+
+def fit_spectrum(x, basis, mean):
+    """The power law c(f) = A (f^2 + f0^2)^(-alpha/2) (f in cycles per pixel) that maximises the Gaussian
+    likelihood of training images x (N, C, H, W) about `mean`, per channel: the spectral anchor of M3
+    (EnergyModel.anchor_var). For each (alpha, f0) on a grid, A has a closed form (the mean of the coefficient
+    powers over the shape); three numbers per channel, so the anchor is defined at every image size.
+    Returns {"A": [...], "alpha": [...], "f0": [...]} (plain floats: a checkpoint's config holds it)."""
+    if x.shape[0] < 16:
+        raise ValueError(f"fitting the anchor's spectrum needs at least 16 training images, got {x.shape[0]}")
+    H, W = x.shape[-2:]
+    p = to_basis(x.double() - mean, basis).abs().square().mean(0)  # (C, H, W): mean power per coefficient
+    log_g = torch.log(spatial_frequency(H, W, basis) ** 2)  # log f^2 (-inf at DC: f0 > 0 below keeps it finite)
+    alphas = torch.linspace(0, 4, 201, dtype=torch.float64)
+    f0s = torch.logspace(math.log10(0.25 / max(H, W)), math.log10(0.5), 120, dtype=torch.float64)
+    out = {"A": [], "alpha": [], "f0": []}
+    for ch in range(x.shape[1]):
+        best = None
+        for f0 in f0s:
+            shape = -0.5 * alphas[:, None] * torch.logaddexp(log_g.flatten(), torch.log(f0 ** 2))[None]  # log c / A
+            A = (p[ch].flatten()[None] * (-shape).exp()).mean(1)  # (n_alpha,): the likelihood's optimum in A
+            nll = (A.log()[:, None] + shape).mean(1)  # mean of log c_k (+1 from p/c at the optimum, a constant)
+            i = int(nll.argmin())
+            if best is None or nll[i] < best[0]:
+                best = (nll[i].item(), A[i].item(), alphas[i].item(), f0.item())
+        for key, value in zip(("A", "alpha", "f0"), best[1:]):
+            out[key].append(value)
+    return out
+
+
 def fit_power_law(z, s, mean, alphas=None, n_amplitudes=81):
     """The classical prior a restorer can fit to the observation itself: a stationary Gaussian whose DCT
     variances follow a power law in spatial frequency, c_k = A (|f_k|^2 + f0^2)^(-alpha/2) per channel, the
@@ -577,8 +645,7 @@ def fit_power_law(z, s, mean, alphas=None, n_amplitudes=81):
     (s < s_huge), N(z_k; mu_k, c_k + s_k), on a grid; three numbers per channel fitted to thousands of
     coordinates, so the fit's own advantage is negligible. Returns a GaussianEnergy in the DCT basis."""
     B, C, H, W = z.shape
-    f = torch.sqrt((torch.arange(H, dtype=torch.float64)[:, None] / (2 * H)) ** 2
-                   + (torch.arange(W, dtype=torch.float64)[None, :] / (2 * W)) ** 2)
+    f = spatial_frequency(H, W, "dct")
     f0 = 1 / (2 * max(H, W))
     log_f = 0.5 * (f ** 2 + f0 ** 2).log()  # (H, W)
     mu = to_basis(torch.as_tensor(mean, dtype=torch.float64).view(1, C, 1, 1).expand(1, C, H, W), "dct")[0]

@@ -218,10 +218,12 @@ class UNet(nn.Module):
     H, W divisible by 2^(len(mults) - 1) (attention stays at the same levels)."""
 
     def __init__(self, img_size, in_channels, channels, mults, blocks, attn, dropout, emb_hidden, emb_blocks,
-                 spectral="frequency"):
+                 spectral="frequency", anchor="white"):
         super().__init__()
         if spectral not in ("frequency", "pooled"):
             raise ValueError(f"spectral conditioning {spectral!r}: use 'frequency' or 'pooled'")
+        if anchor not in ("white", "spectral"):
+            raise ValueError(f"anchor {anchor!r}: use 'white' or 'spectral'")
         self.spectral_mode = spectral
         self.factor = 2 ** (len(mults) - 1)
         if img_size % self.factor or img_size < self.factor:
@@ -230,6 +232,12 @@ class UNet(nn.Module):
         self.img_size, self.in_channels = img_size, in_channels
         feat = 2 * N_FREQS * in_channels
         self.spatial = EmbeddingNet(feat, emb_hidden, emb_blocks)
+        # With M3's spectral anchor (aebm.EnergyModel.anchor_var) sigma^2 I has one Gaussian part in the pixel
+        # basis (white) and another in a spectral basis (the data's spectrum), so the learned term that completes
+        # each to the same energy differs: the network must know which anchor it completes. A learned shift of
+        # the log-variance features of spectral Sigma (zero-initialised) tells it; white-anchor models have none
+        # and stay exactly basis-independent for sigma^2 I.
+        self.anchor_shift = nn.Parameter(torch.zeros(1, feat, 1, 1)) if anchor == "spectral" else None
         self.spectral = EmbeddingNet(feat + 2, emb_hidden, emb_blocks)
         attn_levels = {level for level in range(len(mults)) if img_size >> level in attn}
 
@@ -286,7 +294,8 @@ class UNet(nn.Module):
         if cov.basis == "fft":
             log_s = torch.fft.fftshift(log_s, dim=(-2, -1))  # low frequencies in the middle of the map
         mean = log_s.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1): the isotropic part
-        iso = self.spatial(sinusoidal(mean))  # (B, hidden, 1, 1), identical to a constant full-size map
+        shift = 0 if self.anchor_shift is None else self.anchor_shift.to(log_s.dtype)
+        iso = self.spatial(sinusoidal(mean) + shift)  # (B, hidden, 1, 1), identical to a constant full-size map
         coords = frequency_coordinates(cov.basis, *log_s.shape[-2:], log_s)
         aniso = self.spectral(torch.cat([sinusoidal(log_s), coords.expand(log_s.shape[0], -1, -1, -1)], 1))
         # gated by each frequency's log-variance above or below the mean: exactly zero for isotropic Sigma
@@ -295,13 +304,13 @@ class UNet(nn.Module):
             offset = self.offset(iso) + self.offset_spectral(aniso) * deviation
             spectral = (aniso * deviation).mean(dim=(-2, -1), keepdim=True)
         else:
-            offset = self.separable_offset(log_s, coords)
+            offset = self.separable_offset(log_s, coords, shift)
             spectral = aniso * deviation  # (B, hidden, H, W): gains per frequency (UNet.gains crops them per level)
         if cov.basis == "fft":
             offset = torch.fft.ifftshift(offset, dim=(-2, -1))  # back to the coordinates' layout
         return iso, spectral, offset.expand(cov.log_s.shape)
 
-    def separable_offset(self, log_s, coords):
+    def separable_offset(self, log_s, coords, shift=0):
         """b_k = T(s_k, k) for a spectral Sigma: each frequency's offset depends on its own variance and
         position only, so the constant sum_k w_k b_k is a sum over frequencies of one function, the form
         of a stationary Gaussian's exact constant 1/2 sum_k log((c_k + s_k) / (sigma_d^2 + s_k)). Written as
@@ -309,7 +318,7 @@ class UNet(nn.Module):
         sum_j phi_j(s_k) beta_j(k) whose position features beta sum to zero over the frequencies, so
         sigma^2 I gets exactly the pixel basis' constant. tests/test_nets.py checks the swap identity
         C(a) + C(b) = C(a|b) + C(b|a) that every such sum satisfies."""
-        phi = self.spatial(sinusoidal(log_s))  # (B, hidden, H, W), a function of s_k alone
+        phi = self.spatial(sinusoidal(log_s) + shift)  # (B, hidden, H, W), a function of s_k alone
         beta = self.frequency_features(coords)  # (1, hidden, H, W), a function of k alone
         beta = beta - beta.mean(dim=(-2, -1), keepdim=True)
         return self.offset(phi) + self.offset_spectral(phi * beta)
@@ -352,13 +361,14 @@ class UNet(nn.Module):
         return (self.out(h), offset) if with_offset else self.out(h)
 
 
-def build_unet(config, img_size, in_channels, dropout=None, spectral="frequency"):
+def build_unet(config, img_size, in_channels, dropout=None, spectral="frequency", anchor="white"):
     """The UNet of a named configuration (CONFIGS) for img_size x img_size images with in_channels;
-    dropout overrides the configuration's rate; spectral is the conditioning on a spectral Sigma."""
+    dropout overrides the configuration's rate; spectral is the conditioning on a spectral Sigma; anchor is
+    M3's Gaussian part for a spectral Sigma (white or spectral: aebm.EnergyModel.anchor_var)."""
     if config not in CONFIGS:
         raise ValueError(f"unknown network config {config!r}: use one of {sorted(CONFIGS)}")
     kwargs = dict(CONFIGS[config], **({} if dropout is None else {"dropout": dropout}))
-    return UNet(img_size=img_size, in_channels=in_channels, spectral=spectral, **kwargs)
+    return UNet(img_size=img_size, in_channels=in_channels, spectral=spectral, anchor=anchor, **kwargs)
 
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
@@ -391,9 +401,9 @@ def build_energy(config, device="cpu"):
     """The energy model a checkpoint's config dict describes (its weights not loaded)."""
     # checkpoints from before the frequency-domain conditioning hold the pooled form
     net = build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"),
-                     spectral=config.get("spectral", "pooled"))
+                     spectral=config.get("spectral", "pooled"), anchor="spectral" if config.get("anchor_spectrum") else "white")
     net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
-    return aebm.EnergyModel(net, config["data_mean"], config["data_var"])
+    return aebm.EnergyModel(net, config["data_mean"], config["data_var"], config.get("anchor_spectrum"))
 
 
 def load_energy(path, device="cpu", use_ema=True):

@@ -102,6 +102,9 @@ def build_parser():
     a.add_argument("--dropout", type=float, default=None, help="dropout rate of the UNet (default: the config's)")
     a.add_argument("--spectral", default="frequency", choices=["frequency", "pooled"],
                    help="a blur/SR Sigma's gains: per frequency (default) or the paper's, pooled (nets.py)")
+    a.add_argument("--anchor", default="white", choices=["white", "spectral"],
+                   help="M3's Gaussian part for a blur/SR Sigma: white, N(mu, sigma_d^2 I) as in the paper, or spectral, "
+                        "the data's own power spectrum fitted at the start (aebm.EnergyModel.anchor_var)")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
 
     a = p.add_argument_group("the loss and its covariances (docs/method.md §2, §4)")
@@ -354,7 +357,10 @@ def build_model(args, ds, ctx):
     three are checkpointed; validation draws from none of them. Every rank initialises from the same seed
     and then takes rank 0's tensors: without the DDP wrapper nobody else would synchronise the replicas."""
     config = {k: getattr(args, k) for k in nets.ARCHITECTURE_KEYS}
-    config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, lam=args.lam,
+    spectrum = None
+    if args.anchor == "spectral":  # the power law of 512 training images (the same draw on every rank)
+        spectrum = aebm.fit_spectrum(ds.get_batch(512, torch.Generator().manual_seed(777_777)), args.spectral_basis, ds.mean)
+    config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, anchor_spectrum=spectrum, lam=args.lam,
                   dropout=args.dropout, spectral=args.spectral, leaf_radii=args.leaf_radii, crop=args.crop, scale=args.scale,
                   train_images=args.train_images, subset=args.subset,
                   data_dir=os.path.abspath(args.data_dir) if args.data_dir else None)  # data.dataset_for reads these
@@ -366,7 +372,7 @@ def build_model(args, ds, ctx):
             dist.broadcast(tensor.data, src=0)
     torch.manual_seed(20_000 + args.seed + ctx.rank)  # per-rank dropout
     ema = copy.deepcopy(net).requires_grad_(False).eval()  # never trained, so no dropout in validation
-    ema_energy = type(energy)(ema, ds.mean, ds.var)  # the same wrapper (experiments/denoiser.py swaps it)
+    ema_energy = type(energy)(ema, ds.mean, ds.var, spectrum)  # the same wrapper (experiments/denoiser.py swaps it)
     # foreach: every parameter's update in a few multi-tensor operations (torch's default on CUDA, not on CPU)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, foreach=True)
     return SimpleNamespace(config=config, energy=energy, net=net, ema=ema, ema_energy=ema_energy, opt=opt, step=0,
@@ -417,9 +423,11 @@ def resume(m, args, ctx):
     m.ema.load_state_dict(ckpt["ema"])
     m.opt.load_state_dict(ckpt["opt"])
     m.step = ckpt["step"]
-    m.config.update(data_mean=ckpt["config"]["data_mean"], data_var=ckpt["config"]["data_var"])
+    m.config.update(data_mean=ckpt["config"]["data_mean"], data_var=ckpt["config"]["data_var"],
+                    anchor_spectrum=ckpt["config"].get("anchor_spectrum"))
     for energy in (m.energy, m.ema_energy):
         energy.mean, energy.data_var = m.config["data_mean"], m.config["data_var"]
+        energy.spectrum = m.config["anchor_spectrum"]
     rng = ckpt["rng"][ctx.rank]
     m.g_data.set_state(rng["data"].cpu())  # generator states are CPU byte tensors
     m.g_noise.set_state(rng["noise"].cpu())
@@ -513,6 +521,8 @@ def check_same_config(saved, args, path):
     diff = {k: (saved.get(k), getattr(args, k)) for k in nets.ARCHITECTURE_KEYS if saved.get(k) != getattr(args, k)}
     if leaf_radii(saved) != leaf_radii(vars(args)):
         diff["leaf_radii"] = (leaf_radii(saved), leaf_radii(vars(args)))
+    if ("spectral" if saved.get("anchor_spectrum") else "white") != args.anchor:
+        diff["anchor"] = ("spectral" if saved.get("anchor_spectrum") else "white", args.anchor)
     for k, default in (("crop", "center"), ("scale", 1.0), ("spectral", "pooled"),  # older checkpoints lack these
                        ("train_images", 0), ("subset", 0)):
         if saved.get(k, default) != getattr(args, k):

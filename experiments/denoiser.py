@@ -44,7 +44,9 @@ from experiments import learning
 class Denoiser(nn.Module):
     """x^(y, Sigma) from a network F (nets.UNet), in the energy protocol's clothes (see the module docstring)."""
 
-    def __init__(self, net, mean=0.5, data_var=0.1):
+    def __init__(self, net, mean=0.5, data_var=0.1, spectrum=None):
+        if spectrum is not None:
+            raise ValueError("the free-denoiser control has the white anchor's scaling only: train it without --anchor spectral")
         super().__init__()
         self.net, self.mean, self.data_var = net, float(mean), float(data_var)
 
