@@ -376,7 +376,8 @@ def precision(energy, size, n, device, low=None, ref=None, tasks=None):
             x_ref = aebm.posterior_mean(energy, y, cov)
         with low():
             x_low = aebm.posterior_mean(energy, y, cov)
-        w = energy.data_var / (energy.data_var + cov.s)
+        c = energy.anchor_var(cov)
+        w = c / (c + cov.s)
         mu = cov.U(torch.full_like(y, energy.mean))
         learned = (x_ref - cov.Uh(mu + w * (cov.U(y) - mu))).abs().max().item()  # size of the learned correction
         out["tasks"][name] = dict(max_diff=(x_low - x_ref).abs().max().item(), learned=learned,

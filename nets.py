@@ -86,6 +86,15 @@ SPECTRAL_SCALE = 5.0  # log-variance deviations (up to ~20 in a spectrum) scaled
 # -----------------------------------------------------------------------------
 # The covariance embedding.
 
+def mask_context(phi):
+    """Each pixel's neighbourhood in the features phi (B, hidden, H, W) of a pixel-basis Sigma, relative to the
+    pixel itself: the means over 3x3 and 7x7 windows (image pixels only at the borders) and over the whole image,
+    minus phi. (B, 3 hidden, H, W), exactly zero for sigma^2 I, so the offsets built on it change nothing for
+    an isotropic Sigma and it keeps the same energy in every basis."""
+    local = [F.avg_pool2d(phi, k, stride=1, padding=k // 2, count_include_pad=False) for k in (3, 7)]
+    return torch.cat([m - phi for m in local + [phi.mean(dim=(-2, -1), keepdim=True).expand_as(phi)]], 1)
+
+
 def sinusoidal(log_s):
     """Per-coordinate features of the clamped log-variance: (B, C, H, W) -> (B, 2 N_FREQS C, H, W)."""
     lo, hi = math.log(S_MIN), math.log(S_MAX)
@@ -282,6 +291,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.offset_spectral.weight)
         if spectral == "frequency":  # features of each frequency's position for the separable constant
             self.frequency_features = EmbeddingNet(2, emb_hidden, 1)
+        # A mask's constant depends on the arrangement of its variances, not only on each pixel's own: for a
+        # correlated prior, scattered missing pixels are predicted from their neighbours and a box is not, so
+        # log det(C + Sigma) differs between masks with the same variances in other places. Per-pixel offsets
+        # b(s_k) give both the same constant; these add each pixel's neighbourhood (UNet.mask_context).
+        self.offset_context = Conv1x1(3 * emb_hidden, in_channels, bias=False)
+        nn.init.zeros_(self.offset_context.weight)
 
     def embed(self, cov):
         """The embeddings: spatial (B, hidden, H, W) for pixel-basis Sigma, or (B, hidden, 1, 1) with the
@@ -290,7 +305,7 @@ class UNet(nn.Module):
         log_s = cov.log_s.to(self.conv_in.weight.dtype)
         if cov.basis == "pixel":
             spatial = self.spatial(sinusoidal(log_s))  # (B, hidden, H, W)
-            return spatial, None, self.offset(spatial)
+            return spatial, None, self.offset(spatial) + self.offset_context(mask_context(spatial))
         if cov.basis == "fft":
             log_s = torch.fft.fftshift(log_s, dim=(-2, -1))  # low frequencies in the middle of the map
         mean = log_s.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1): the isotropic part
