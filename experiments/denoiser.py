@@ -10,7 +10,9 @@ posterior mean (EDM's preconditioning, written per coordinate of Sigma's basis):
     x^ = U^H( U mu + w * (z - U mu) + c_out * U F(U^H(sqrt(w) y~), Sigma) ),   c_out = sqrt(s w),
 
 with z = U y, v = sigma_d^2 + s, w = sigma_d^2 / v and y~ = v^{-1/2}(z - U mu), as in M3: the same
-network input, the same Gaussian part (at F = 0 both are the posterior mean of N(mu, sigma_d^2 I)).
+network input, the same Gaussian part (at F = 0 both are the posterior mean of N(mu, sigma_d^2 I); with
+--anchor spectral, as the hour preset has it, sigma_d^2 becomes the data's spectrum c_k for a spectral
+Sigma, in both).
 EDM's c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2) becomes sqrt(s_k w_k) per coordinate, so
 the network's output has unit scale at every noise level, a missing pixel included (c_out -> sigma_d).
 
@@ -45,23 +47,23 @@ class Denoiser(nn.Module):
     """x^(y, Sigma) from a network F (nets.UNet), in the energy protocol's clothes (see the module docstring)."""
 
     def __init__(self, net, mean=0.5, data_var=0.1, spectrum=None):
-        if spectrum is not None:
-            raise ValueError("the free-denoiser control has the white anchor's scaling only: train it without --anchor spectral")
         super().__init__()
-        self.net, self.mean, self.data_var = net, float(mean), float(data_var)
+        self.net, self.mean, self.data_var, self.spectrum = net, float(mean), float(data_var), spectrum
 
     mean_z = aebm.EnergyModel.mean_z  # U mu in the basis, exactly as the energy forms it
+    anchor_var = aebm.EnergyModel.anchor_var  # sigma_d^2, or the data's spectrum with --anchor spectral
 
     def network_term(self, z, cov):
         """U F(U^H(sqrt(w) y~), Sigma) in the basis, at the detached coordinates z (the same input as M3's)."""
         z = z.detach()
-        v = self.data_var + cov.s
-        x_in = cov.Uh(math.sqrt(self.data_var) * (z - self.mean_z(z, cov)) / v)
+        c = self.anchor_var(cov)
+        x_in = cov.Uh(c / (c + cov.s) * (z - self.mean_z(z, cov))) / math.sqrt(self.data_var)
         return cov.U(self.net(x_in.to(next(self.net.parameters()).dtype), cov).to(aebm.real_dtype(z)))
 
     def energy_z(self, z, cov, part="all"):
-        v = self.data_var + cov.s
-        g = -(self.data_var / (v * cov.s)).sqrt() * self.network_term(z, cov)  # sqrt(w / s) * U F
+        c = self.anchor_var(cov)
+        v = c + cov.s
+        g = -(c / (v * cov.s)).sqrt() * self.network_term(z, cov)  # sqrt(w / s) * U F
         learned = aebm.sum_coords((z.conj() * g).real)  # its z-gradient is g (F sees z detached)
         if part == "learned":
             return learned
@@ -75,7 +77,8 @@ class Denoiser(nn.Module):
         """x^ directly: U^H(mu + w (z - mu) + c_out U F), c_out = sqrt(s w)."""
         z = cov.U(y)
         mu = self.mean_z(z, cov)
-        w = self.data_var / (self.data_var + cov.s)
+        c = self.anchor_var(cov)
+        w = c / (c + cov.s)
         return cov.Uh(mu + w * (z - mu) + (cov.s * w).sqrt() * self.network_term(z, cov))
 
 
@@ -83,9 +86,10 @@ def build_denoiser(config, device="cpu"):
     """nets.build_energy's counterpart: the same network, wrapped as a Denoiser; the checkpoint's config
     records it (nets.load_energy refuses such a checkpoint: it is not an energy)."""
     config["model"] = "denoiser"
-    net = nets.build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"))
+    net = nets.build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"),
+                          anchor="spectral" if config.get("anchor_spectrum") else "white")
     net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
-    return Denoiser(net, config["data_mean"], config["data_var"])
+    return Denoiser(net, config["data_mean"], config["data_var"], config.get("anchor_spectrum"))
 
 
 def load_denoiser(path, device="cpu"):

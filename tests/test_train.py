@@ -458,6 +458,10 @@ def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
     assert args.p_hole == 0.5 and train.training_ranges(args)["p_hole"] == 0.5  # inpainting-like masks
     assert train.parse_args(["--preset", "hour", "--p-hole", "0"]).p_hole == 0.0
     assert args.lam == 0.2 and train.parse_args(["--preset", "hour", "--lam", "1"]).lam == 1.0  # A-CSM's weight
+    # M3's spectral anchor: hour's, not the quickstart's, the paper's or the photos preset's
+    assert args.anchor == "spectral" and quick.anchor == paper.anchor == "white"
+    assert train.parse_args(["--preset", "hour", "--anchor", "white"]).anchor == "white"
+    assert train.parse_args(["--preset", "photos", "--dataset", "folder", "--data-dir", "x"]).anchor == "white"
     assert args.leaf_radii is None and train.parse_args(["--leaf-radii", "2", "32"]).leaf_radii == (2.0, 32.0)
     for bad, message in ((["--leaf-radii", "3", "2"], "--leaf-radii must be"),
                          (["--dataset", "gaussian", "--leaf-radii", "1", "2"], "--leaf-radii applies to")):
