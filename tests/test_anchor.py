@@ -134,3 +134,29 @@ def test_a_spectral_anchor_network_tells_the_bases_apart_for_sigma2_I_and_a_whit
         out[anchor] = [net(x, cv.isotropic(0.1, shape, basis)) for basis in ("pixel", "dct")]
     torch.testing.assert_close(out["white"][0], out["white"][1], atol=1e-5, rtol=0)
     assert (out["spectral"][0] - out["spectral"][1]).abs().max() > 1e-3
+
+
+def test_blind_deblurring_with_the_spectral_anchor_alone_finds_the_exact_energys_width():
+    """The blur-width bias, at a size CI can run: on the 16x16 field, with learned terms still silent, the
+    spectral anchor fitted to 512 images ranks (width, noise) candidates as the exact energy does, and the
+    white anchor N(mu, sigma_d^2 I) does not (it has no spectrum to tell widths by: what the learned term
+    would have to supply, and at the hour budget on dead leaves did not, docs/results.md §1)."""
+    fld = data.GaussianField(16, 1)
+    x = fld.get_batch(512, torch.Generator().manual_seed(0))
+    spectrum = aebm.fit_spectrum(x, "fft", fld.mean)
+    models = {"exact": fld.prior,
+              "spectral": aebm.EnergyModel(Silent(), fld.mean, fld.var, spectrum),
+              "white": aebm.EnergyModel(Silent(), fld.mean, fld.var)}
+    widths, noises = [0.5, 1.0, 1.5, 2.0, 3.0], [0.01, 0.05]
+    truth = fld.get_batch(4, torch.Generator().manual_seed(1))
+    picks = {name: [] for name in models}
+    for i, (b, sigma) in enumerate([(b, s) for b in widths for s in noises]):
+        prob = cv.blur_problem(truth.shape, b, sigma, "fft")
+        y_obs = prob.measure(truth, torch.Generator().manual_seed(10 + i))
+        for name, energy in models.items():
+            y = y_obs.double() if name == "exact" else y_obs
+            _, b_hat, s_hat = aebm.blind_deblur(energy, y, widths, noises, "fft", fld.mean)
+            picks[name] += list(zip(b_hat.tolist(), s_hat.tolist()))
+    agree = {name: sum(p == q for p, q in zip(picks[name], picks["exact"])) / len(picks["exact"]) for name in models}
+    assert agree["spectral"] >= 0.95, agree
+    assert agree["white"] < 0.6, agree
