@@ -248,7 +248,10 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
     x^_k by 1/s_k, so where a pixel is missing (s = 1e3 in training) an error of 0.3 costs 1e-4 and the
     network never learns to fill the hole; weighted, it costs ~1 there as everywhere else. Any weight
     that does not depend on y keeps the minimiser, x^_k = E[x_k | y] (tests/test_energy.py checks the
-    exact energy still minimises the weighted loss)."""
+    exact energy still minimises the weighted loss). dsm_weight="anchor": the same with each coordinate's
+    own prior variance c_k = energy.anchor_var(cov), (s_k + c_k) / c_k (equal to the above for the white
+    anchor): under the spectral anchor the low frequencies' c_k is ~200 sigma_d^2 on crops of large
+    leaves, and sigma_d^2 there would weight their error by up to c_k / sigma_d^2."""
     if zeta is None:
         zeta = white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
     # z = U y formed in the basis, never as pixels: a dropped frequency (s = 1e8) would put values
@@ -257,7 +260,8 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
     _, score_z, score_log_s = energy_and_scores(energy, z, cov, create_graph=True, need_log_s=need_csm)
     d = x[0].numel()
     # (M5) A-DSM: (1/d) |sqrt(s) * U dE/dy - zeta|^2 = (1/d) |Sigma^{-1/2}(x^ - x)|^2
-    weight = 1.0 if dsm_weight is None else (cov.s + dsm_weight) / dsm_weight
+    c = energy.anchor_var(cov) if isinstance(dsm_weight, str) and dsm_weight == "anchor" else dsm_weight
+    weight = 1.0 if c is None else (cov.s + c) / c
     L_dsm = (weight * (cov.s.sqrt() * score_z - zeta).abs().square()).flatten(1).sum(1) / d
     if not need_csm:
         return L_dsm, None

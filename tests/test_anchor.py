@@ -160,3 +160,24 @@ def test_blind_deblurring_with_the_spectral_anchor_alone_finds_the_exact_energys
     agree = {name: sum(p == q for p, q in zip(picks[name], picks["exact"])) / len(picks["exact"]) for name in models}
     assert agree["spectral"] >= 0.95, agree
     assert agree["white"] < 0.6, agree
+
+
+def test_the_anchor_dsm_weight_is_edm_for_the_white_anchor_and_the_spectrum_for_the_spectral_one():
+    """--dsm-weight anchor weights coordinate k of A-DSM by (s_k + c_k) / c_k: bit for bit EDM's (s + sigma_d^2) /
+    sigma_d^2 under the white anchor, and the power law's own c_k under the spectral one (checked by writing the
+    weighted loss out)."""
+    shape = (2, 1, 16, 16)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    cov = cv.Covariance(cv.blur_problem(shape, 1.0, 0.05, "dct").covariance().s.clamp(max=1e3).float(), "dct")
+    zeta = cv.white_noise(shape, "dct", torch.Generator().manual_seed(1))
+    white = aebm.EnergyModel(RandomConvNet(1), 0.5, 0.07)
+    a = aebm.dual_score_losses(white, x, cov, zeta=zeta, dsm_weight="anchor")[0]
+    b = aebm.dual_score_losses(white, x, cov, zeta=zeta, dsm_weight=0.07)[0]
+    assert torch.equal(a, b)
+    spectrum = {"A": [0.003], "alpha": [2.0], "f0": [0.05]}
+    spectral = aebm.EnergyModel(RandomConvNet(1), 0.5, 0.07, spectrum)
+    L = aebm.dual_score_losses(spectral, x, cov, zeta=zeta, dsm_weight="anchor", need_csm=False)[0]
+    c = aebm.power_law_spectrum(spectrum, 16, 16, "dct").float()
+    _, score_z, _ = aebm.energy_and_scores(spectral, cov.U(x) + cov.s.sqrt() * zeta, cov, need_log_s=False)
+    ref = ((cov.s + c) / c * (cov.s.sqrt() * score_z - zeta).square()).flatten(1).sum(1) / 256
+    torch.testing.assert_close(L.detach(), ref, rtol=1e-5, atol=0)
