@@ -42,7 +42,8 @@ import nets
 # rarely do), start the training variances at 1e-4 (below, the denoiser is nearly the identity and teaches
 # restoration little), and weight A-CSM by lam = 0.2 (its noisy target takes a share of a small network's
 # training that restoration needs; any lam > 0 keeps the exact energy as the minimiser); hour also gives a blur/SR
-# Sigma the data's power spectrum as M3's Gaussian part (--anchor spectral: blind deblurring). Each choice is measured
+# Sigma the data's power spectrum as M3's Gaussian part (--anchor spectral: blind deblurring, calibrated samples) and
+# weights A-DSM by each coordinate's own anchor variance (--dsm-weight anchor). Each choice is measured
 # against the paper's in docs/results.md. The paper preset trains in float32 with TF32 rather than bf16 autocast:
 # faster at the per-GPU batch and closer to float32 (docs/benchmarks.md).
 PRESETS = {
@@ -51,15 +52,14 @@ PRESETS = {
                   dsm_weight="edm", p_hole=0.5, lam=0.2, anchor="white"),
     "hour": dict(config="small", batch=16, steps=3600, lr=1e-3, warmup=100, decay="cosine", decay_every=0, ema=0.999,
                  log_every=100, eval_every=600, ckpt_every=600, bf16=False, tf32=False, s_range=(1e-4, 1e3),
-                 dsm_weight="edm", p_hole=0.5, lam=0.2, anchor="spectral"),
+                 dsm_weight="anchor", p_hole=0.5, lam=0.2, anchor="spectral"),
     "imagenet64": dict(config="paper64", batch=128, steps=400_000, lr=2e-4, warmup=1000, decay="step", decay_every=100_000,
                        ema=0.9999, log_every=100, eval_every=5000, ckpt_every=5000, bf16=False, tf32=True,
                        dsm_weight="none", p_hole=0.0, lam=1.0, anchor="white"),
 }
 # hour's recipe on random 32x32 crops of a folder of photographs at their own resolution (README, Your own images):
-# the prior that sample.py --observed needs to restore such photographs whole. The white anchor: with the spectral
-# one the mask and denoising tasks stalled on these crops (docs/results.md §5).
-PRESETS["photos"] = dict(PRESETS["hour"], crop="random", img_size=32, anchor="white")
+# the prior that sample.py --observed needs to restore such photographs whole.
+PRESETS["photos"] = dict(PRESETS["hour"], crop="random", img_size=32)
 # The paper's losses over the full range of variances (the imagenet64 preset's), as flags: the validation
 # experiments on the Gaussian field train with them; each passes its own --lam.
 PAPER_LOSSES = ["--dsm-weight", "none", "--p-hole", "0", "--s-range", str(cv.S_MIN), str(cv.S_MAX)]
@@ -107,14 +107,15 @@ def build_parser():
     a.add_argument("--anchor", default=None, choices=["white", "spectral"],
                    help="M3's Gaussian part for a blur/SR Sigma: white, N(mu, sigma_d^2 I) as in the paper, or spectral, "
                         "the data's own power spectrum fitted at the start (aebm.EnergyModel.anchor_var; "
-                        "preset: spectral for hour, else white)")
+                        "preset: spectral for hour and photos, else white)")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
 
     a = p.add_argument_group("the loss and its covariances (docs/method.md §2, §4)")
     a.add_argument("--dsm-weight", default=None, choices=["none", "edm", "anchor"],
                    help="edm: weight A-DSM's coordinates by (s + sigma_d^2)/sigma_d^2, so that missing pixels count "
                         "(aebm.dual_score_losses); anchor: by (s + c)/c with the anchor's own variance c per "
-                        "coordinate (edm for the white anchor); none: M5 as written (preset: edm for quick and hour, else none)")
+                        "coordinate (edm for the white anchor); none: M5 as written (preset: edm for quick, anchor for hour and "
+                        "photos, else none)")
     a.add_argument("--spectral-basis", default=None, choices=["fft", "dct"],
                    help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
     a.add_argument("--s-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),

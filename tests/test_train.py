@@ -447,7 +447,7 @@ def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
     """--preset hour fills its defaults (a flag still wins), its variances are drawn from --s-range, and an
     impossible range is refused at parse time naming the flag."""
     args = train.parse_args(["--preset", "hour", "--steps", "7"])
-    assert (args.batch, args.steps, args.ema, args.s_range, args.dsm_weight) == (16, 7, 0.999, (1e-4, 1e3), "edm")
+    assert (args.batch, args.steps, args.ema, args.s_range, args.dsm_weight) == (16, 7, 0.999, (1e-4, 1e3), "anchor")
     paper = train.parse_args(["--dataset", "imagenet64"])  # the paper's losses, over the full range of variances
     assert paper.s_range == (cv.S_MIN, cv.S_MAX) and paper.dsm_weight == "none" and paper.p_hole == 0.0 and paper.lam == 1.0
     quick = train.parse_args([])  # the quickstart takes the hour preset's loss choices, at twice its learning rate
@@ -458,10 +458,11 @@ def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
     assert args.p_hole == 0.5 and train.training_ranges(args)["p_hole"] == 0.5  # inpainting-like masks
     assert train.parse_args(["--preset", "hour", "--p-hole", "0"]).p_hole == 0.0
     assert args.lam == 0.2 and train.parse_args(["--preset", "hour", "--lam", "1"]).lam == 1.0  # A-CSM's weight
-    # M3's spectral anchor: hour's, not the quickstart's, the paper's or the photos preset's
-    assert args.anchor == "spectral" and quick.anchor == paper.anchor == "white"
+    # M3's spectral anchor and its A-DSM weight: hour's and photos', not the quickstart's or the paper's
+    assert args.anchor == "spectral" and quick.anchor == paper.anchor == "white" and quick.dsm_weight == "edm"
     assert train.parse_args(["--preset", "hour", "--anchor", "white"]).anchor == "white"
-    assert train.parse_args(["--preset", "photos", "--dataset", "folder", "--data-dir", "x"]).anchor == "white"
+    photos = train.parse_args(["--preset", "photos", "--dataset", "folder", "--data-dir", "x"])
+    assert (photos.anchor, photos.dsm_weight) == ("spectral", "anchor")
     assert args.leaf_radii is None and train.parse_args(["--leaf-radii", "2", "32"]).leaf_radii == (2.0, 32.0)
     for bad, message in ((["--leaf-radii", "3", "2"], "--leaf-radii must be"),
                          (["--dataset", "gaussian", "--leaf-radii", "1", "2"], "--leaf-radii applies to")):
