@@ -250,8 +250,8 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
     that does not depend on y keeps the minimiser, x^_k = E[x_k | y] (tests/test_energy.py checks the
     exact energy still minimises the weighted loss). dsm_weight="anchor": the same with each coordinate's
     own prior variance c_k = energy.anchor_var(cov), (s_k + c_k) / c_k (equal to the above for the white
-    anchor): under the spectral anchor the low frequencies' c_k is ~200 sigma_d^2 on crops of large
-    leaves, and sigma_d^2 there would weight their error by up to c_k / sigma_d^2."""
+    anchor): under the spectral anchor a low frequency's c_k can be many times sigma_d^2 (crops of large
+    leaves), and sigma_d^2 there would weight its error by c_k / sigma_d^2 more than the rest's."""
     if zeta is None:
         zeta = white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
     # z = U y formed in the basis, never as pixels: a dropped frequency (s = 1e8) would put values
