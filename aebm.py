@@ -114,10 +114,27 @@ class EnergyModel(nn.Module):
     there (tests/test_precision.py).
     """
 
-    def __init__(self, net, mean=0.5, data_var=0.1, spectrum=None):
+    def __init__(self, net, mean=0.5, data_var=0.1, spectrum=None, learned_scale="w"):
         super().__init__()
         self.net, self.mean, self.data_var = net, float(mean), float(data_var)
         self.spectrum = spectrum  # None: the white anchor; else power-law parameters (fit_spectrum)
+        if learned_scale not in ("w", "unit"):
+            raise ValueError(f"learned_scale must be 'w' (M3 as the paper writes it) or 'unit', got {learned_scale!r}")
+        self.learned_scale = learned_scale
+
+    def learned_weight(self, c, v, s):
+        """a_k, the weight of the network's output in M3's learned term 1/2 < y~, a * U F >. The paper's a = w.
+        Tweedie (M4) then moves coordinate k by -s_k dE/dz_k, whose part from F_k is 1/2 s_k a_k v_k^{-1/2} F_k:
+        at low noise (s << c) with a = w that is ~ s F / sqrt(c), so to remove noise of size sqrt(s) the network
+        must output F ~ sqrt(c / s), and its Jacobian must reach ~ c / s (a denoiser's: O(1) in x^). "unit" is
+        EDM's preconditioning carried over to the energy, a = w sqrt(v / s) = c / sqrt(v s): the same F_k moves
+        x^_k by 1/2 sqrt(s_k) w_k F_k (EDM's c_out = sqrt(s w) at low noise), so F is unit-scale and its
+        Jacobian ~ sqrt(c / s), what a free denoiser's network needs. At s >> c, a -> c / s = w: the learned
+        term still vanishes like 1/s and the s -> infinity anchor stays exact; a is y-independent and nonzero,
+        so every energy M3 can write it can write too, and the exact energy still minimises the losses."""
+        if self.learned_scale == "w":
+            return c / v
+        return c / (v * s).sqrt()
 
     def anchor_var(self, cov):
         """c: the variance of M3's Gaussian part per coordinate of Sigma's basis. The paper's anchor is white,
@@ -153,7 +170,8 @@ class EnergyModel(nn.Module):
         else:  # any other network F_theta(x, Sigma)
             F, b = self.net(x_in.to(self.dtype), cov), None
         with torch.autocast(z.device.type, enabled=False):
-            learned = sum_coords(0.5 * (y_t.conj() * w * cov.U(F.to(real_dtype(z)))).real)  # real part: fft is complex
+            a = self.learned_weight(c, v, cov.s)  # w as the paper writes M3 (see learned_weight)
+            learned = sum_coords(0.5 * (y_t.conj() * a * cov.U(F.to(real_dtype(z)))).real)  # real part: fft is complex
             if b is not None:  # sum_k w_k b_k(Sigma): y-independent, vanishing like 1/s (the anchor stays exact)
                 learned = learned + sum_coords(w * b.to(real_dtype(z)))
             if part == "learned":

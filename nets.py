@@ -418,7 +418,8 @@ def build_energy(config, device="cpu"):
     net = build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"),
                      spectral=config.get("spectral", "pooled"), anchor="spectral" if config.get("anchor_spectrum") else "white")
     net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
-    return aebm.EnergyModel(net, config["data_mean"], config["data_var"], config.get("anchor_spectrum"))
+    return aebm.EnergyModel(net, config["data_mean"], config["data_var"], config.get("anchor_spectrum"),
+                            config.get("learned_scale", "w"))
 
 
 def load_energy(path, device="cpu", use_ema=True):
