@@ -6,6 +6,7 @@ images and noise (docs/results.md §1).
     python -m experiments.learning --ckpt runs/quick/ckpt.pt
     python -m experiments.learning --ckpt runs/hour/ckpt.pt --n 64
     python -m experiments.learning --compare edm=runs/hour/log.csv M5=runs/m5/log.csv --tasks denoise sr
+    python -m experiments.learning --noise-axis energy=runs/hour/ckpt.pt denoiser=runs/denoiser/ckpt.pt --plot n.png
 
 Prints, in float32 (what users run): the posterior-mean PSNR of the model, of the fitted Wiener
 filter and of the observation for denoising (sigma 0.1), box inpainting (half the size, sigma 0.05),
@@ -16,11 +17,13 @@ the fitted Gaussian's blind accuracies from its own normalized energy too; with 
 inpainting's error inside the hole (the fill) and on the observed pixels, model and Wiener; with --by-noise 1,
 denoising at every noise level from 0.01 to 1 (where along the noise axis the model gains or loses). It also redraws the
 run's learning curves (OUT/curves.png) from its log.csv. --compare draws several runs' curves in one
-figure against training steps (wall time differs between runs and machines; steps do not).
+figure against training steps (wall time differs between runs and machines; steps do not); --noise-axis
+draws several checkpoints' denoising gain over Wiener against the noise level in one figure.
 """
 
 import argparse
 import csv
+import math
 import os
 
 import torch
@@ -141,6 +144,27 @@ def compare_curves(runs, tasks, out):
                                xlabel="training step", ylabel="dB above Wiener")
 
 
+def noise_axis(runs, out, n=32, seed=0):
+    """Denoising along the noise axis for several checkpoints, energies or plain denoisers (experiments/denoiser.py),
+    each against the Wiener filter fitted to its own training data on the same held-out images and noise:
+    prints one markdown row per run and draws dB above Wiener against log10 sigma in one figure. Returns
+    (the figure's path, {name: gains in dB})."""
+    from experiments import denoiser  # it imports this module
+    print("| denoising, dB above Wiener at σ = | " + " | ".join(f"{s:g}" for s in NOISE_LEVELS) + " |")
+    print("|---" * (len(NOISE_LEVELS) + 1) + "|")
+    curves = []
+    for name, path in runs:
+        config = nets.load_checkpoint(path)["config"]
+        model = (denoiser.load_denoiser(path) if config.get("model") == "denoiser" else nets.load_energy(path))[0]
+        x, wiener = held_out_and_fitted(config, n, seed)
+        gain = [m - w for m, w, _ in denoising_by_noise(model, wiener, x, config["spectral_basis"], seed=seed).values()]
+        print(f"| {name} | " + " | ".join(f"{g:+.2f}" for g in gain) + " |", flush=True)
+        curves.append((name, [math.log10(s) for s in NOISE_LEVELS], gain))
+    path = data.save_line_plot(out, curves, title="denoising: posterior mean vs fitted Wiener, same images and noise",
+                               xlabel="log10 noise std", ylabel="dB above Wiener")
+    return path, {name: gain for name, _, gain in curves}
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="A checkpoint against the fitted Wiener filter and the observation.")
     p.add_argument("--ckpt", default="runs/quick/ckpt.pt", help="checkpoint of train.py")
@@ -154,9 +178,18 @@ if __name__ == "__main__":
                         "variances 1e1, 1e3 and the task's 1e8")
     p.add_argument("--by-noise", type=int, default=0, choices=[0, 1],
                    help=f"1: also denoising at each noise std in {NOISE_LEVELS}, model against Wiener")
+    p.add_argument("--noise-axis", nargs="*", default=None, metavar="NAME=CKPT",
+                   help="instead: denoising along the noise axis for these checkpoints (energies or plain "
+                        "denoisers), one table and one figure (--plot)")
     p.add_argument("--tasks", nargs="*", default=["denoise", "inpaint", "deblur", "sr"], help="with --compare")
     p.add_argument("--plot", default="runs/learning_compare.png", help="with --compare: the figure")
     a = p.parse_args()
+    if a.noise_axis is not None:
+        runs = [item.split("=", 1) for item in a.noise_axis]
+        if any(len(r) != 2 for r in runs):
+            raise SystemExit("--noise-axis takes NAME=CKPT items, e.g. energy=runs/hour/ckpt.pt")
+        print("figure:", noise_axis(runs, a.plot, a.n)[0])
+        raise SystemExit(0)
     if a.compare is not None:
         runs = [item.split("=", 1) for item in a.compare]
         if any(len(r) != 2 for r in runs):

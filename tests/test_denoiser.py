@@ -12,6 +12,7 @@ import aebm
 import covariances as cv
 import nets
 import train
+from experiments import learning
 from experiments import denoiser as dn
 
 SHAPE = (3, 3, 16, 16)
@@ -86,5 +87,9 @@ def test_a_denoiser_run_trains_resumes_is_measured_and_is_refused_as_an_energy(t
     res = dn.evaluate(path, n=2)
     assert set(res["psnr"]) == {"denoise", "inpaint", "deblur", "sr"}
     assert all(torch.isfinite(torch.tensor(v)).all() for v in res["psnr"].values())
+    # the noise-axis figure measures a denoiser checkpoint as evaluate() does, on the same images and noise
+    figure, gains = learning.noise_axis([("den", path)], str(tmp_path / "noise.png"), n=2)
+    assert os.path.exists(figure)
+    assert gains["den"] == pytest.approx([m - w for m, w, _ in res["by_noise"].values()], abs=1e-9)
     with pytest.raises(SystemExit, match="--lam 0"):
         dn.main(flags + ["--lam", "1"])
