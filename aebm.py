@@ -118,8 +118,8 @@ class EnergyModel(nn.Module):
         super().__init__()
         self.net, self.mean, self.data_var = net, float(mean), float(data_var)
         self.spectrum = spectrum  # None: the white anchor; else power-law parameters (fit_spectrum)
-        if learned_scale not in ("w", "unit"):
-            raise ValueError(f"learned_scale must be 'w' (M3 as the paper writes it) or 'unit', got {learned_scale!r}")
+        if learned_scale not in ("w", "unit", "fill"):
+            raise ValueError(f"learned_scale must be 'w' (M3 as the paper writes it), 'unit' or 'fill', got {learned_scale!r}")
         self.learned_scale = learned_scale
 
     def learned_weight(self, c, v, s):
@@ -131,9 +131,16 @@ class EnergyModel(nn.Module):
         x^_k by 1/2 sqrt(s_k) w_k F_k (EDM's c_out = sqrt(s w) at low noise), so F is unit-scale and its
         Jacobian ~ sqrt(c / s), what a free denoiser's network needs. At s >> c, a -> c / s = w: the learned
         term still vanishes like 1/s and the s -> infinity anchor stays exact; a is y-independent and nonzero,
-        so every energy M3 can write it can write too, and the exact energy still minimises the losses."""
+        so every energy M3 can write it can write too, and the exact energy still minimises the losses.
+        "fill", a = sqrt(c w) = c / sqrt(v), is M3 up to the constant sqrt(c) at low noise and gives a coordinate
+        that carries no information (a missing pixel, a dropped frequency: s >> c) the move 1/2 c F_k, a direct
+        output as a free denoiser's sigma_d F_k; with a = w that move vanishes like c F / sqrt(s) and the fill
+        must come through the Jacobian of the observed coordinates' outputs. The learned term then vanishes
+        like s^(-1/2) instead of 1/s, still exact in the limit."""
         if self.learned_scale == "w":
             return c / v
+        if self.learned_scale == "fill":
+            return c / v.sqrt()
         return c / (v * s).sqrt()
 
     def anchor_var(self, cov):

@@ -108,10 +108,10 @@ def build_parser():
                    help="M3's Gaussian part for a blur/SR Sigma: white, N(mu, sigma_d^2 I) as in the paper, or spectral, "
                         "the data's own power spectrum fitted at the start (aebm.EnergyModel.anchor_var; "
                         "preset: spectral for hour and photos, else white)")
-    a.add_argument("--learned-scale", default="w", choices=["w", "unit"],
+    a.add_argument("--learned-scale", default="w", choices=["w", "unit", "fill"],
                    help="weight of the network's output in M3's learned term: w, as the paper writes it, or unit, EDM's "
-                        "preconditioning carried over so the network's output is unit-scale at every noise level "
-                        "(aebm.EnergyModel.learned_weight)")
+                        "preconditioning carried over so the network's output is unit-scale at every noise level, or fill, "
+                        "a direct output for coordinates that carry no information (aebm.EnergyModel.learned_weight)")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
 
     a = p.add_argument_group("the loss and its covariances (docs/method.md §2, §4)")

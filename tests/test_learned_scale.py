@@ -1,4 +1,5 @@
-"""Claims about the scale of M3's learned term (aebm.EnergyModel.learned_weight, train.py --learned-scale):
+"""Claims about the scale of M3's learned term (aebm.EnergyModel.learned_weight, train.py --learned-scale;
+the fill scale's direct output for missing coordinates is in the constant-output test):
 with a = w (the paper's M3) the network that writes the Gaussian field's exact energy must output values
 ~ sqrt(c / s) at low noise, with a = c / sqrt(v s) ("unit") values of order one at every s; both forms write
 that exact energy (checked against aebm.GaussianEnergy, the closed form M9), keep the s -> infinity anchor
@@ -65,8 +66,8 @@ def exact_field_model(fld, scale):
     return model
 
 
-@pytest.mark.parametrize("scale", ["w", "unit"])
-def test_both_scales_write_the_gaussian_fields_exact_energy(scale):
+@pytest.mark.parametrize("scale", ["w", "unit", "fill"])
+def test_every_scale_writes_the_gaussian_fields_exact_energy(scale):
     """float32, 32x32x1, isotropic s from 1e-4 to 1e3: the exact field network in EnergyModel gives
     GaussianEnergy's E (per dimension) and posterior mean (SmoothField's prior, variances 1e-11 to 2): the form changes the network's task, not what
     the model can represent."""
@@ -107,16 +108,19 @@ def test_unit_scale_asks_the_network_for_outputs_of_order_one_at_low_noise():
 
 
 @pytest.mark.parametrize("basis", ["pixel", "fft"])
-def test_the_unit_scale_keeps_the_gaussian_limit_for_any_theta(basis):
-    """As s -> infinity E_theta -> -log N(y; mu, sigma_d^2 I + Sigma) like 1/s for a random network (float64)."""
-    model = aebm.EnergyModel(RandomConvNet(2), mean=0.5, data_var=0.1, learned_scale="unit")
+@pytest.mark.parametrize("scale", ["unit", "fill"])
+def test_both_other_scales_keep_the_gaussian_limit_for_any_theta(basis, scale):
+    """As s -> infinity E_theta -> -log N(y; mu, sigma_d^2 I + Sigma) for a random network (float64): like 1/s
+    with the unit scale, like s^(-1/2) with the fill scale (its learned term is r c F / v)."""
+    model = aebm.EnergyModel(RandomConvNet(2), mean=0.5, data_var=0.1, learned_scale=scale)
     shape = (2, 2, 16, 16)
     gaps = []
     for s in (1e2, 1e4, 1e6):
         cov = cv.isotropic(s, shape, basis, dtype=torch.float64)
         y = 0.5 + math.sqrt(s) * torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         gaps.append((model(y, cov) - aebm.gaussian_limit_energy(y, cov, 0.5, 0.1)).abs().max().item())
-    assert gaps[2] < 1e-3 and gaps[1] / gaps[2] > 30 and gaps[0] / gaps[1] > 30  # O(1/s)
+    rate = 30 if scale == "unit" else 3  # per factor 100 in s: 1/s gives 100, s^(-1/2) gives 10
+    assert gaps[2] < (1e-3 if scale == "unit" else 1e-1) and gaps[1] / gaps[2] > rate and gaps[0] / gaps[1] > rate
 
 
 class ConstantNet(torch.nn.Module):
@@ -124,17 +128,18 @@ class ConstantNet(torch.nn.Module):
         return torch.ones_like(x)
 
 
-@pytest.mark.parametrize("scale", ["w", "unit"])
+@pytest.mark.parametrize("scale", ["w", "unit", "fill"])
 def test_a_constant_output_moves_tweedies_estimate_as_written(scale):
     """F = 1 (no Jacobian term): x^ - (mu + w (y - mu)) = -1/2 s a v^{-1/2} per pixel, which is
-    -1/2 sqrt(s) w for the unit scale and -1/2 s w / sqrt(v) for the paper's (float32, 32x32x3, pixel basis)."""
+    -1/2 sqrt(s) w for the unit scale, -1/2 s w (-> -c/2 for a missing pixel) for the fill scale and
+    -1/2 s w / sqrt(v) (-> 0) for the paper's (float32, 32x32x3, pixel basis, s up to 1e8)."""
     model = aebm.EnergyModel(ConstantNet(), mean=0.5, data_var=0.08, learned_scale=scale)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for s in (1e-4, 1e-2, 1.0):
+    for s in (1e-4, 1e-2, 1.0, 1e8):
         cov = cv.isotropic(s, x.shape, "pixel")
         v, w = 0.08 + s, 0.08 / (0.08 + s)
         move = aebm.posterior_mean(model, x, cov) - (0.5 + w * (x - 0.5))
-        expected = -0.5 * math.sqrt(s) * w if scale == "unit" else -0.5 * s * w / math.sqrt(v)
+        expected = {"unit": -0.5 * math.sqrt(s) * w, "fill": -0.5 * s * w, "w": -0.5 * s * w / math.sqrt(v)}[scale]
         torch.testing.assert_close(move, torch.full_like(move, expected), rtol=1e-4, atol=1e-7)
 
 
