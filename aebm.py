@@ -136,7 +136,8 @@ class EnergyModel(nn.Module):
         that carries no information (a missing pixel, a dropped frequency: s >> c) the move 1/2 c F_k, a direct
         output as a free denoiser's sigma_d F_k; with a = w that move vanishes like c F / sqrt(s) and the fill
         must come through the Jacobian of the observed coordinates' outputs. The learned term then vanishes
-        like s^(-1/2) instead of 1/s, still exact in the limit."""
+        like s^(-1/2) instead of 1/s, still exact in the limit. Trained, neither does what a = w does
+        (docs/results.md, Measured and not kept), so w is the default."""
         if self.learned_scale == "w":
             return c / v
         if self.learned_scale == "fill":
