@@ -373,6 +373,10 @@ def build_model(args, ds, ctx):
                   dropout=args.dropout, spectral=args.spectral, leaf_radii=args.leaf_radii, crop=args.crop, scale=args.scale,
                   train_images=args.train_images, subset=args.subset,
                   data_dir=os.path.abspath(args.data_dir) if args.data_dir else None)  # data.dataset_for reads these
+    # the training distribution of covariances, a record for the experiments (which families a model has seen);
+    # not checked on resume
+    config.update(p_iso=args.p_iso, p_hole=args.p_hole, p_random=args.p_random, s_range=list(args.s_range),
+                  spectral_noise_max=args.spectral_noise_max, dsm_weight=args.dsm_weight)
     torch.manual_seed(args.seed)
     energy = nets.build_energy(config, ctx.device)
     net = energy.net

@@ -43,6 +43,7 @@ FINE_NOISES = [0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.11, 0.12, 0.14, 
 # blind deblurring on the field: every (width, noise) pair of this grid is both a truth and a candidate
 BLIND_BLURS = [0.5 + 0.25 * i for i in range(11)]  # 0.5, 0.75, ..., 3
 BLIND_NOISES = [0.01, 0.02, 0.05, 0.1]
+DRAWN = {True: "drawn in training", False: "unseen", None: "training draw not recorded"}  # random masks, per model
 MARGIN = 5.0  # nats between the exact energy's best and second-best candidate: a clear case
 
 
@@ -138,8 +139,9 @@ def blind_curve(energy, ds, size, sigma=0.1, n=8, seed=0):
 def measure(models, size=16, n=64, seed=0):
     """{name: dict(rows, spread, nll, blind curve, blind deblurring, random_drawn)} for every model of
     {name: (energy, config)}, and the exact energy's NLL, blind-noise curve and blind-deblurring accuracy.
-    random_drawn: the model's training drew random pixel masks (train.py --p-random), so their cells are
-    among the families it was trained on rather than a test of generalization."""
+    random_drawn: whether the model's training drew random pixel masks (train.py --p-random, from the
+    checkpoint's config; None for checkpoints that predate the record), i.e. whether their cells are among
+    the families it was trained on or a test of generalization."""
     ds = data.load_dataset("gaussian", size, 1)
     x = ds.get_batch(n, torch.Generator().manual_seed(70_000 + seed)).double()
     out = {"exact": dict(nll=bits_per_dim(exact64(ds.prior), x, "fft"), blind=blind_curve(exact64(ds.prior), ds, size))}
@@ -148,7 +150,7 @@ def measure(models, size=16, n=64, seed=0):
         iso = [r["offset"] for r in rows if r["name"] == "isotropic" and r["s"] <= 1.0]
         out[name] = dict(rows=rows, spread=max(iso) - min(iso), nll=bits_per_dim(energy, x.float()),
                          blind=blind_curve(energy, ds, size), deblur=blind_deblur_agreement(energy, ds.prior, ds, seed=seed),
-                         random_drawn=config.get("p_random", 0.0) > 0)
+                         random_drawn=None if config.get("p_random") is None else config["p_random"] > 0)
         out["exact"]["deblur_accuracy"] = out[name]["deblur"][2]
     return out
 
@@ -163,8 +165,9 @@ def table(rows, key):
 
 def trained_rows(result):
     """The cells of the families a model's training drew: every row but the random masks, which only
-    train.py --p-random draws (measure's random_drawn, read from the checkpoint's config)."""
-    return [r for r in result["rows"] if result["random_drawn"] or not r["name"].startswith("random")]
+    train.py --p-random draws (measure's random_drawn, read from the checkpoint's config; where the
+    checkpoint does not say, they count, the stricter reading)."""
+    return [r for r in result["rows"] if result["random_drawn"] is not False or not r["name"].startswith("random")]
 
 
 def print_report(res):
@@ -186,7 +189,7 @@ def print_report(res):
         agree, acc, exact_acc, agree_clear = res[n]["deblur"]
         print(f"{n}: over the families training draws, largest |offset| {worst['offset']:+.4f} nats/dim ({worst['name']}, "
               f"{worst['s']:g}) and largest MSE/Bayes {mse['mse_ratio']:.3f} ({mse['name']}, {mse['s']:g}); on random masks "
-              f"({'drawn in training' if drawn else 'unseen'}) {max(abs(r['offset']) for r in random):.4f} and {max(r['mse_ratio'] for r in random):.3f}; offset spread over isotropic "
+              f"({DRAWN[drawn]}) {max(abs(r['offset']) for r in random):.4f} and {max(r['mse_ratio'] for r in random):.3f}; offset spread over isotropic "
               f"sigma^2 in [1e-6, 1] {res[n]['spread']:.4f}; NLL {res[n]['nll']:.3f} bits/dim (exact "
               f"{res['exact']['nll']:.3f}); blind deblurring: argmin = exact's on {agree:.3f} ({agree_clear:.3f} where the exact "
               f"margin > {MARGIN:g} nats; right {acc:.3f}, exact right {exact_acc:.3f}); blind noise estimate {res[n]['blind'][1]} (exact {res['exact']['blind'][1]}, "

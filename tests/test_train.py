@@ -503,9 +503,12 @@ def test_leaf_radii_travel_with_the_checkpoint_to_every_tool_that_reads_its_data
     flags = ["--dataset", "deadleaves", "--img-size", "8", "--config", "tiny", "--batch", "4", "--steps", "2",
              "--out", str(tmp_path), "--log-every", "1", "--eval-every", "2", "--ckpt-every", "2", "--val-batch", "4",
              "--val-restore", "0", "--device", "cpu"]
-    train.main(flags + ["--leaf-radii", "2", "8"])
+    train.main(flags + ["--leaf-radii", "2", "8", "--p-random", "0.25"])
     path = str(tmp_path / "ckpt.pt")
-    assert torch.load(path, weights_only=True)["config"]["leaf_radii"] == (2.0, 8.0)
+    config = torch.load(path, weights_only=True)["config"]
+    assert config["leaf_radii"] == (2.0, 8.0)
+    # the training distribution of covariances is recorded (experiments.normalization reads p_random)
+    assert config["p_random"] == 0.25 and config["p_hole"] == 0.5 and config["s_range"] == [1e-4, 1e3]
     with pytest.raises(ValueError, match="another configuration.*leaf_radii"):
         train.main(flags + ["--leaf-radii", "1", "8", "--resume"])
     saved = {"dataset": "deadleaves", "img_size": 32}  # a checkpoint from before --leaf-radii: the default radii

@@ -92,7 +92,8 @@ def test_normalization_measures_the_exact_energy_as_normalized(capsys):
     import data
     from experiments import normalization as nz
     ds = data.load_dataset("gaussian", 8, 1)
-    res = nz.measure({"plain": (ds.prior, {"p_random": 0.0}), "random": (ds.prior, {"p_random": 0.33})}, size=8, n=16)
+    res = nz.measure({"plain": (ds.prior, {"p_random": 0.0}), "random": (ds.prior, {"p_random": 0.33}), "old": (ds.prior, {})},
+                     size=8, n=16)
     for name in ("plain", "random"):
         r = res[name]
         assert max(abs(c["offset"]) for c in r["rows"]) < 1e-4 and r["spread"] < 1e-4
@@ -102,6 +103,7 @@ def test_normalization_measures_the_exact_energy_as_normalized(capsys):
     assert len(random_rows) == 6  # three fractions at two noises
     assert len(nz.trained_rows(res["random"])) == len(res["random"]["rows"])
     assert len(nz.trained_rows(res["plain"])) == len(res["plain"]["rows"]) - len(random_rows)
+    assert len(nz.trained_rows(res["old"])) == len(res["old"]["rows"])  # not recorded: they count (stricter)
     nz.print_report(res)
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("plain:", "random:"))]
-    assert "(unseen)" in lines[0] and "(drawn in training)" in lines[1]
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("plain:", "random:", "old:"))]
+    assert "(unseen)" in lines[0] and "(drawn in training)" in lines[1] and "(training draw not recorded)" in lines[2]
