@@ -259,14 +259,14 @@ def plot(res, path):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Offset of the learned energy across noise levels (Gaussian field).")
-    p.add_argument("--steps", type=int, default=10_000, help="training steps per model (10000: ~42 min for dual on 2 cores)")
+    p.add_argument("--steps", type=int, default=10_000, help="training steps per model (10000: ~26 min for dual alone on 2 cores)")
     p.add_argument("--ckpt", nargs="*", default=None, help="measure these checkpoints (NAME=PATH) instead of training")
     p.add_argument("--out", default="runs/normalization", help="run directories")
     p.add_argument("--plot", default="docs/normalization_offsets.png", help="figure")
     p.add_argument("--restart", action="store_true", help="set aside earlier runs in --out (train.py --restart)")
-    p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999",
-                   help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3 and an "
-                        "EMA over ~1000 steps, docs/results.md §2)")
+    p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999 --anchor spectral --p-random 0.33",
+                   help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3, an EMA over "
+                        "~1000 steps, the spectral anchor and a third of the masks random, docs/results.md §2)")
     a = p.parse_args()
     if a.ckpt:
         models = {c.split("=")[0]: nets.load_energy(c.split("=", 1)[1]) for c in a.ckpt}
