@@ -259,7 +259,7 @@ def plot(res, path):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Offset of the learned energy across noise levels (Gaussian field).")
-    p.add_argument("--steps", type=int, default=10_000, help="training steps per model (10000: ~26 min for dual alone on 2 cores)")
+    p.add_argument("--steps", type=int, default=10_000, help="training steps per model (the time it takes: docs/results.md §2)")
     p.add_argument("--ckpt", nargs="*", default=None, help="measure these checkpoints (NAME=PATH) instead of training")
     p.add_argument("--out", default="runs/normalization", help="run directories")
     p.add_argument("--plot", default="docs/normalization_offsets.png", help="figure")
