@@ -325,12 +325,7 @@ def setup(args):
         torch.cuda.set_device(device)
     distributed = "RANK" in os.environ  # launched by torchrun (even with one process: NCCL is exercised)
     if distributed:
-        # torch.optim imports torch._dynamo on first use, and dynamo imported after init_process_group keeps
-        # references to the default group: destroy_process_group then cannot free it, gloo's worker threads
-        # outlive the interpreter, and a rank can abort at exit ("terminate called without an active
-        # exception", SIGABRT) after a run that finished well. Imported first, it holds nothing of the group.
-        import torch._dynamo as _dynamo  # noqa: F401  (aliased: a bare import would make torch a local name)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        join_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if args.batch % world:
         raise ValueError(f"batch {args.batch} must be divisible by the number of processes {world}")
     if args.tf32 and device.type == "cuda":
@@ -345,6 +340,15 @@ def setup(args):
                           ckpt_path=os.path.join(args.out, "ckpt.pt"), log_path=os.path.join(args.out, "log.csv"))
     protect_previous_run(args, ctx)
     return ctx
+
+
+def join_process_group(**kwargs):
+    """dist.init_process_group, with torch._dynamo imported first. torch.optim imports dynamo on first use,
+    and dynamo imported after init_process_group keeps references to the default group: destroy_process_group
+    then cannot free it, gloo's worker threads outlive the interpreter, and a rank that finished well can
+    abort at exit ("terminate called without an active exception", SIGABRT). Imported first, it holds none."""
+    import torch._dynamo as _dynamo  # noqa: F401  (aliased: a bare import would make torch a local name)
+    dist.init_process_group(**kwargs)
 
 
 def load_data(args, ctx):

@@ -45,7 +45,7 @@ def make_model():
 
 
 def ddp_worker(rank, port, out_path, steps):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    train.join_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     energy, opt = make_model()
     x, cov, zeta = batch_of_rank(rank)
@@ -242,7 +242,7 @@ def test_torchrun_with_two_gloo_ranks_trains_and_resumes_exactly(tmp_path):
 def test_a_distributed_run_frees_its_process_group_so_no_gloo_thread_outlives_it(tmp_path):
     """A gloo worker thread still alive when the interpreter shuts down can abort a rank that finished well
     (SIGABRT at exit, one run in ten on a loaded machine); the deterministic symptom is a thread count that
-    does not come back after train.main() on a one-rank group (train.setup says why it would not)."""
+    does not come back after train.main() on a one-rank group (train.join_process_group says why)."""
     import subprocess
     import sys
 
