@@ -98,7 +98,9 @@ def test_normalization_measures_the_exact_energy_as_normalized(capsys):
         r = res[name]
         assert max(abs(c["offset"]) for c in r["rows"]) < 1e-4 and r["spread"] < 1e-4
         assert max(abs(c["mse_ratio"] - 1) for c in r["rows"]) < 1e-3
-        assert abs(r["nll"] - res["exact"]["nll"]) < 1e-4 and r["deblur"][0] == 1.0
+        assert abs(r["nll"] - res["exact"]["nll"]) < 1e-4 and abs(r["nll_spectral"] - res["exact"]["nll"]) < 1e-4
+        assert r["deblur"][0] == 1.0
+        assert len([c for c in r["rows"] if c["name"] == "isotropic, fft"]) == len(nz.LEVELS)  # sigma^2 I in both bases
     random_rows = [c for c in res["plain"]["rows"] if c["name"].startswith("random")]
     assert len(random_rows) == 6  # three fractions at two noises
     assert len(nz.trained_rows(res["random"])) == len(res["random"]["rows"])
