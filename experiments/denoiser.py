@@ -29,6 +29,7 @@ checkpoint it writes is refused by sample.py.
 
     python -m experiments.denoiser --preset hour --out runs/denoiser     # train (train.py's flags)
     python -m experiments.denoiser --ckpt runs/denoiser/ckpt.pt          # measure (as experiments.learning)
+    python -m experiments.denoiser --asymmetry den=runs/denoiser/ckpt.pt # how far its Jacobian is from symmetric
 """
 
 import math
@@ -38,6 +39,7 @@ import torch
 import torch.nn as nn
 
 import aebm
+import covariances as cv
 import nets
 import train
 from experiments import learning
@@ -53,9 +55,10 @@ class Denoiser(nn.Module):
     mean_z = aebm.EnergyModel.mean_z  # U mu in the basis, exactly as the energy forms it
     anchor_var = aebm.EnergyModel.anchor_var  # sigma_d^2, or the data's spectrum with --anchor spectral
 
-    def network_term(self, z, cov):
-        """U F(U^H(sqrt(w) y~), Sigma) in the basis, at the detached coordinates z (the same input as M3's)."""
-        z = z.detach()
+    def network_term(self, z, cov, detach=True):
+        """U F(U^H(sqrt(w) y~), Sigma) in the basis, at the detached coordinates z (the same input as M3's;
+        detach=False keeps F's dependence on z, for its Jacobian: jacobian_asymmetry)."""
+        z = z.detach() if detach else z
         c = self.anchor_var(cov)
         x_in = cov.Uh(c / (c + cov.s) * (z - self.mean_z(z, cov))) / math.sqrt(self.data_var)
         return cov.U(self.net(x_in.to(next(self.net.parameters()).dtype), cov).to(aebm.real_dtype(z)))
@@ -74,12 +77,15 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def posterior_mean(self, y, cov):
-        """x^ directly: U^H(mu + w (z - mu) + c_out U F), c_out = sqrt(s w)."""
+        return self.estimate(y, cov)
+
+    def estimate(self, y, cov):
+        """x^ directly: U^H(mu + w (z - mu) + c_out U F), c_out = sqrt(s w); differentiable in y."""
         z = cov.U(y)
         mu = self.mean_z(z, cov)
         c = self.anchor_var(cov)
         w = c / (c + cov.s)
-        return cov.Uh(mu + w * (z - mu) + (cov.s * w).sqrt() * self.network_term(z, cov))
+        return cov.Uh(mu + w * (z - mu) + (cov.s * w).sqrt() * self.network_term(z, cov, detach=False))
 
 
 def build_denoiser(config, device="cpu"):
@@ -113,8 +119,56 @@ def evaluate(path, n=32, seed=0):
                 blind_inpaint=float("nan"), blind_deblur=float("nan"), config=config, n=n)
 
 
+# -----------------------------------------------------------------------------
+# Is the free denoiser a gradient? An energy's posterior mean x^(y) = y - s grad E(y) has a symmetric
+# Jacobian (s times E's Hessian, up to the identity), by construction; a free denoiser's need not. How far
+# the one that restores better is from symmetric says whether the energy is asked to write a function that
+# no gradient is.
+
+def jacobian_asymmetry(f, y, probes=2, seed=0):
+    """|A|_F^2 / |S|_F^2 for the Jacobian J = A + S of y -> f(y) at the observations y (its antisymmetric and
+    symmetric parts), by Hutchinson's estimator with Gaussian probes v: E|(J - J^T) v|^2 = 4 |A|_F^2 and
+    E|(J + J^T) v|^2 = 4 |S|_F^2, summed over images and probes; J v and J^T v from torch.autograd.functional's
+    jvp and vjp (second derivatives of f: an energy's Tweedie would need third ones, and is symmetric anyway)."""
+    g = torch.Generator().manual_seed(seed)
+    num = den = 0.0
+    for _ in range(probes):
+        v = torch.randn(y.shape, generator=g, dtype=y.dtype)
+        _, Jv = torch.autograd.functional.jvp(f, y.clone(), v)
+        _, JTv = torch.autograd.functional.vjp(f, y.clone(), v)
+        num += (Jv - JTv).square().sum().item()
+        den += (Jv + JTv).square().sum().item()
+    return num / den
+
+
+def asymmetry_by_noise(paths, n=8, sigmas=learning.NOISE_LEVELS, seed=0):
+    """{name: {sigma: |A|^2 / |S|^2 of the denoiser's Jacobian}} for {name: denoiser checkpoint}, on n held-out
+    images of its data under white noise of each std."""
+    out = {}
+    for name, path in paths.items():
+        model, config = load_denoiser(path)
+        x, _ = learning.held_out_and_fitted(config, n, seed)
+        out[name] = {}
+        for sigma in sigmas:
+            cov = cv.isotropic(sigma ** 2, x.shape, "pixel")
+            y = x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+            out[name][sigma] = jacobian_asymmetry(lambda t: model.estimate(t, cov), y, seed=seed)
+    return out
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--asymmetry"]:
+        models = dict(a.split("=", 1) for a in argv[1:])
+        if not models:
+            raise SystemExit("--asymmetry needs NAME=CKPT pairs of denoiser checkpoints, e.g. --asymmetry den=runs/denoiser/ckpt.pt")
+        res = asymmetry_by_noise(models)
+        sigmas = list(next(iter(res.values())))
+        print("|A|^2 / |S|^2 of the posterior mean's Jacobian | " + " | ".join(f"σ {s:g}" for s in sigmas) + " |")
+        print("|---" * (len(sigmas) + 1) + "|")
+        for name, r in res.items():
+            print(f"| {name} | " + " | ".join(f"{r[s]:.3f}" for s in sigmas) + " |")
+        return
     if "--ckpt" in argv:
         i = argv.index("--ckpt")
         if i + 1 >= len(argv):

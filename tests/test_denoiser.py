@@ -93,3 +93,31 @@ def test_a_denoiser_run_trains_resumes_is_measured_and_is_refused_as_an_energy(t
     assert gains["den"] == pytest.approx([m - w for m, w, _ in res["by_noise"].values()], abs=1e-9)
     with pytest.raises(SystemExit, match="--lam 0"):
         dn.main(flags + ["--lam", "1"])
+
+
+def test_jacobian_asymmetry_is_the_dense_jacobians_and_zero_for_a_posterior_mean():
+    """dn.jacobian_asymmetry (Hutchinson's estimate of |A|^2 / |S|^2 for J = dx^/dy) against the same ratio
+    from the dense Jacobian of one 16x16x3 image, for a random free denoiser in float32; and 0 for an exact
+    posterior mean, whose Jacobian C (C + s)^{-1} is symmetric (the Gaussian field's, through its Tweedie)."""
+    shape = (1, 3, 16, 16)
+    model = random_denoiser()
+    model.net.float()
+    cov = cv.isotropic(0.01, shape, "pixel")
+    y = 0.45 + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    f = lambda t: model.estimate(t, cov)
+    J = torch.autograd.functional.jacobian(f, y).reshape(y.numel(), y.numel())
+    dense = ((J - J.T).square().sum() / (J + J.T).square().sum()).item()
+    estimate = dn.jacobian_asymmetry(f, y, probes=16)
+    assert dense > 1e-3  # a random free denoiser is far from a gradient
+    assert abs(estimate - dense) < 0.1 * dense, (estimate, dense)
+    import data
+    prior = data.load_dataset("gaussian", 16, 1).prior
+    cov1 = cv.isotropic(0.01, (1, 1, 16, 16), "pixel", torch.float64)
+    y1 = prior.sample(1, torch.Generator().manual_seed(5)) + 0.1 * torch.randn(1, 1, 16, 16, dtype=torch.float64)
+
+    def tweedie(t):
+        t = t if t.requires_grad else t.requires_grad_(True)
+        return t - cov1.s * torch.autograd.grad(prior(t, cov1).sum(), t, create_graph=True)[0]
+    J1 = torch.autograd.functional.jacobian(tweedie, y1).reshape(256, 256)
+    assert (J1 - torch.eye(256, dtype=torch.float64)).abs().max() > 1e-2  # not the identity: a real test
+    assert dn.jacobian_asymmetry(tweedie, y1) < 1e-20
