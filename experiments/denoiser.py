@@ -159,11 +159,10 @@ def asymmetry_by_noise(paths, n=8, sigmas=learning.NOISE_LEVELS, seed=0):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--asymmetry"]:
-        models = dict(a.split("=", 1) for a in argv[1:])
-        if not models:
+        if len(argv) < 2 or not all("=" in a for a in argv[1:]):
             raise SystemExit("--asymmetry needs NAME=CKPT pairs of denoiser checkpoints, e.g. --asymmetry den=runs/denoiser/ckpt.pt")
-        res = asymmetry_by_noise(models)
-        sigmas = list(next(iter(res.values())))
+        res = asymmetry_by_noise(dict(a.split("=", 1) for a in argv[1:]))
+        sigmas = learning.NOISE_LEVELS
         print("|A|^2 / |S|^2 of the posterior mean's Jacobian | " + " | ".join(f"σ {s:g}" for s in sigmas) + " |")
         print("|---" * (len(sigmas) + 1) + "|")
         for name, r in res.items():
