@@ -9,6 +9,7 @@ ratio (machines are shared and noisy: their drift between rounds cancels within 
     python bench.py --what sample                    # restoration time and the MALA/ULA step ratio
     python bench.py --suite gpu                      # the one prepared GPU check (< 6 min on one H100)
     python bench.py --suite gpu --device cpu         # the same check at a small size (tests run it)
+    python bench.py --suite batch                    # what limits it: the same work at batches 16, 32, 64 (~2 min)
 
 --what train times, on the same UNet and batch:
   (a) a score-model step: the UNet as a plain denoiser (predict the noise, MSE, backward);
@@ -64,8 +65,9 @@ SUITE = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["gpu", "speed"], default=None,
-                   help="gpu: the prepared GPU check; speed: variants that cut its time (any --device)")
+    p.add_argument("--suite", choices=["gpu", "speed", "batch"], default=None,
+                   help="gpu: the prepared GPU check; speed: variants that cut its time; batch: the same work at "
+                        "larger batches, what limits it (any --device)")
     p.add_argument("--what", choices=["train", "sample"], default="train", help="which single benchmark")
     p.add_argument("--config", default="small", help=f"network config, one of {sorted(nets.CONFIGS)}")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: 32 for small/tiny, 64 otherwise)")
@@ -662,6 +664,60 @@ def run_speed_suite(args):
     print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
+# -----------------------------------------------------------------------------
+# What limits the GPU figures at the paper's batch: the same work at larger batches.
+
+BATCH_SUITE = {
+    "cuda": dict(config="paper64", size=64, batches=(16, 32, 64), rounds=3, evals=20),
+    "cpu": dict(config="tiny", size=16, batches=(2, 4), rounds=1, evals=2),
+}
+
+
+def run_batch_suite(args):
+    """The paper64 training step and a sampler evaluation at batches 16, 32 and 64, as time per image. Arithmetic
+    grows with the batch; a kernel's fixed costs (its launch inside a graph, its ramp and tail, a grid too small to
+    fill the device) do not. So a per-image time that falls with the batch says the batch-16 figures are bound by
+    how many kernels the step runs, not by their arithmetic, and c/a moving toward the arithmetic ratio (2.0,
+    bench.flops_per_call) as the batch grows says the same of the dual step's excess over the score step."""
+    device = torch.device(args.device)
+    sz = BATCH_SUITE[device.type]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    print(f"batch check: {device_name(device)}, torch {torch.__version__}, {sz['config']} at {sz['size']}x{sz['size']}x3, "
+          f"float32{' with TF32' if device.type == 'cuda' else ''}", flush=True)
+    t_start = time.perf_counter()
+    print("training step, ms per image (a) score / (b) DSM / (c) dual; time ratios; achieved GFLOP/s of (a) / (c)")
+    for batch in sz["batches"]:
+        try:
+            t = train_step_times(sz["config"], sz["size"], 3, batch, device, False, False, sz["rounds"], 2)
+            per = " / ".join(f"{1e3 * t[k] / batch:6.2f}" for k in "abc")
+            tflops = " / ".join(f"{t[f'flops_{k}'] / t[k] / 1e9:.4g}" for k in "ac")
+            mem = f"; peak (c) {t['peak_c_gib']:.1f} GiB" if "peak_c_gib" in t else ""
+            print(f"  batch {batch:3d}: {per}   b/a {t['b/a']:.2f}  c/a {t['c/a']:.2f}  c/b {t['c/b']:.3f}   "
+                  f"{tflops}{mem}   ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        except Exception as e:  # out of memory at the largest batch, say: the smaller ones still stand
+            print(f"  batch {batch:3d}: FAILED: {type(e).__name__}: {e}", flush=True)
+    energy = build_energy(sz["config"], sz["size"], 3, device, random_output=True).eval()
+    graph = device.type == "cuda"
+    print(f"sampler evaluation (E and dE/dz, deblurring, float32{', CUDA graph' if graph else ''}), per image")
+    for n in sz["batches"]:
+        try:
+            r = eval_times(energy, n, sz["size"], device, {"e": (False, False, graph)}, evals=sz["evals"])["e"]
+            if "error" in r:
+                raise RuntimeError(r["error"])
+            print(f"  batch {n:3d}: {r['ms']:7.2f} ms per evaluation, {r['ms'] / n:6.3f} ms per image   "
+                  f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+        except Exception as e:
+            print(f"  batch {n:3d}: FAILED: {type(e).__name__}: {e}", flush=True)
+    # The floor under a kernel-bound evaluation: one elementwise pass over the largest activation of batch 16.
+    a = torch.rand(sz["batches"][0], nets.CONFIGS[sz["config"]]["channels"], sz["size"], sz["size"], device=device)
+    t = interleaved({"pass": lambda: torch.add(a, a, out=a)}, device, 20, 3)["pass"]
+    print(f"one elementwise pass over a {tuple(a.shape)} float32 activation: {1e6 * t:.1f} us "
+          f"({3 * a.numel() * 4 / t / 1e9:.0f} GB/s counting two reads and a write)")
+    print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -669,6 +725,8 @@ def main(argv=None):
         return run_suite(args)
     if args.suite == "speed":
         return run_speed_suite(args)
+    if args.suite == "batch":
+        return run_batch_suite(args)
     device = torch.device(args.device)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -14,15 +14,26 @@ import nets
 
 
 def test_gpu_suite_runs_on_cpu_at_a_small_size():
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--device", "cpu"], cwd=here,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
-    out = done.stdout
-    assert done.returncode == 0, done.stderr[-2000:]
+    out = bench_output(["--suite", "gpu", "--device", "cpu"])
     assert "FAILED" not in out, out
     for expected in ("c/b =", "operators per step", "arithmetic per step", "img/s", "resumed: True", "final step 3", "MALA/ULA", "sr x4 dct",
                      "same argmin: True", "MALA log acceptance ratios", "one dual step, batch 4", "second backward:"):
         assert expected in out, (expected, out)
+
+
+def test_batch_suite_runs_on_cpu_at_a_small_size():
+    out = bench_output(["--suite", "batch", "--device", "cpu"])
+    assert "FAILED" not in out, out
+    for expected in ("batch   2:", "batch   4:", "c/a", "ms per image", "elementwise pass"):
+        assert expected in out, (expected, out)
+
+
+def bench_output(argv):
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "bench.py", *argv], cwd=here, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 def test_operator_count_is_exact_and_leaves_views_out():
