@@ -7,7 +7,7 @@ ratio (machines are shared and noisy: their drift between rounds cancels within 
     python bench.py                                  # training-step ratios, small config, CPU (~1 min)
     python bench.py --torch-layers                   # also (b), (c) with torch's GroupNorm/SiLU double backward
     python bench.py --what sample                    # restoration time and the MALA/ULA step ratio
-    python bench.py --suite gpu                      # the one prepared GPU check (< 6 min on one H100)
+    python bench.py --suite gpu                      # the one prepared GPU check (< 6 min on one H100 or H200)
     python bench.py --suite gpu --device cpu         # the same check at a small size (tests run it)
     python bench.py --suite batch                    # what limits it: the same work at batches 16, 32, 64 (~2 min)
 
@@ -117,8 +117,8 @@ def interleaved(fns, device, rounds, warmup, per_round=None):
 def operators_per_call(fn):
     """Operators one call of fn dispatches (after autograd and autocast, so every backward counted),
     as (all, kernels): kernels leaves out the views (view, transpose, select, ...), which launch nothing.
-    Exact and noise-free on any machine; on an H100 at the paper's per-GPU batch the training step's time
-    ratios followed them (the step is dispatch-bound there; docs/benchmarks.md)."""
+    Exact and noise-free on any machine; on an H100 and an H200 at the paper's per-GPU batch the training
+    step's time ratios followed them (a kernel's fixed cost dominates there; docs/benchmarks.md)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):

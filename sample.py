@@ -243,7 +243,8 @@ def any_order(energy, shape, P, order=None, levels_per_patch=20, s_max=S_MAX_PRI
 class CudaGraphEnergy:
     """An energy whose (E, dE/dz) for one fixed shape and basis is a CUDA graph, captured once and
     replayed at every evaluation: a UNet evaluation is thousands of small kernel launches, so on a GPU
-    at sampling batch sizes the launches, not the arithmetic, set the pace (docs/benchmarks.md). The
+    at sampling batch sizes the launches, not the arithmetic, set an eager evaluation's pace; replayed,
+    what is left is the kernels' own work (docs/benchmarks.md). The
     samplers use it through aebm.energy_and_scores; everything else (mean, energy values) is the
     wrapped energy's. Inputs are copied into static buffers, outputs cloned out of them."""
 
@@ -401,7 +402,7 @@ def restore(args, energy, y, cov_y, device, generator, report):
     report["evaluations"] = 1
     if args.sampler == "mean":
         return x_hat, []
-    use_graph = device.type == "cuda" and args.cuda_graph  # launches, not arithmetic, set a GPU evaluation's pace
+    use_graph = device.type == "cuda" and args.cuda_graph  # launches, not arithmetic, set an eager GPU evaluation's pace
     sampler_energy = CudaGraphEnergy(energy, cov_y.U(y), cov_y) if use_graph else energy
     per_level = 1 + args.correctors + (args.sampler == "adaptive" and args.correctors > 0)  # as reverse_diffusion counts
     progress = data.Progress(f"{args.sampler} sampling", args.samples * args.steps * per_level, args.quiet)
