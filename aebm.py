@@ -277,7 +277,10 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
     exact energy still minimises the weighted loss). dsm_weight="anchor": the same with each coordinate's
     own prior variance c_k = energy.anchor_var(cov), (s_k + c_k) / c_k (equal to the above for the white
     anchor): under the spectral anchor a low frequency's c_k can be many times sigma_d^2 (crops of large
-    leaves), and sigma_d^2 there would weight its error by c_k / sigma_d^2 more than the rest's."""
+    leaves), and sigma_d^2 there would weight its error by c_k / sigma_d^2 more than the rest's.
+    dsm_weight="edm-pixel": sigma_d^2's weight for a pixel-basis Sigma (where holes need it) and none for a
+    spectral Sigma, whose dropped frequencies the spectral anchor fills (weighted there too, by sigma_d^2 or
+    by c_k, the Gaussian field's offsets came out worse: docs/results.md §2)."""
     if zeta is None:
         zeta = white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
     # z = U y formed in the basis, never as pixels: a dropped frequency (s = 1e8) would put values
@@ -286,7 +289,9 @@ def dual_score_losses(energy, x, cov, generator=None, need_csm=True, zeta=None, 
     _, score_z, score_log_s = energy_and_scores(energy, z, cov, create_graph=True, need_log_s=need_csm)
     d = x[0].numel()
     # (M5) A-DSM: (1/d) |sqrt(s) * U dE/dy - zeta|^2 = (1/d) |Sigma^{-1/2}(x^ - x)|^2
-    c = energy.anchor_var(cov) if isinstance(dsm_weight, str) and dsm_weight == "anchor" else dsm_weight
+    c = dsm_weight
+    if isinstance(dsm_weight, str):  # "anchor": each coordinate's own c_k; "edm-pixel": sigma_d^2, pixel basis only
+        c = energy.anchor_var(cov) if dsm_weight == "anchor" else (energy.data_var if cov.basis == "pixel" else None)
     weight = 1.0 if c is None else (cov.s + c) / c
     L_dsm = (weight * (cov.s.sqrt() * score_z - zeta).abs().square()).flatten(1).sum(1) / d
     if not need_csm:

@@ -115,10 +115,11 @@ def build_parser():
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
 
     a = p.add_argument_group("the loss and its covariances (docs/method.md §2, §4)")
-    a.add_argument("--dsm-weight", default=None, choices=["none", "edm", "anchor"],
+    a.add_argument("--dsm-weight", default=None, choices=["none", "edm", "anchor", "edm-pixel"],
                    help="edm: weight A-DSM's coordinates by (s + sigma_d^2)/sigma_d^2, so that missing pixels count "
                         "(aebm.dual_score_losses); anchor: by (s + c)/c with the anchor's own variance c per "
-                        "coordinate (edm for the white anchor); none: M5 as written (preset: edm for quick, anchor for hour and "
+                        "coordinate (edm for the white anchor); edm-pixel: edm for pixel-basis Sigma (masks, "
+                        "sigma^2 I), none for spectral Sigma; none: M5 as written (preset: edm for quick, anchor for hour and "
                         "photos, else none)")
     a.add_argument("--spectral-basis", default=None, choices=["fft", "dct"],
                    help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
@@ -246,7 +247,7 @@ def train_step(energy, opt, x, groups, args, world=1, generator=None, zetas=None
     params = [p for p in energy.parameters() if p.requires_grad]
     opt.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16) and x.device.type == "cuda"):
-        weight = {"edm": energy.data_var, "anchor": "anchor", "none": None}[args.dsm_weight]
+        weight = {"edm": energy.data_var, "anchor": "anchor", "edm-pixel": "edm-pixel", "none": None}[args.dsm_weight]
         L, L_dsm, L_csm = aebm.dual_score_loss(energy, x, groups, lam=args.lam, generator=generator, zetas=zetas,
                                                dsm_weight=weight)
     # Only the parameters' gradients: a plain backward would carry on to the z and log s the energy was

@@ -312,6 +312,21 @@ def test_the_exact_energy_still_minimises_the_edm_weighted_dsm_loss():
     assert (weighted > plain).all()  # the missing pixels now count
 
 
+def test_edm_pixel_weights_a_dsm_in_the_pixel_basis_only():
+    """dsm_weight="edm-pixel": EDM's weight (s + sigma_d^2)/sigma_d^2 for a mask or sigma^2 I in pixels (so a
+    hole's fill trains), M5's unweighted loss for a spectral Sigma; the same losses, noise for noise, as the
+    two options it combines."""
+    model = aebm.EnergyModel(RandomUNetLike(C * H * W), mean=0.5, data_var=0.1)
+    x = torch.rand(3, C, H, W, generator=torch.Generator().manual_seed(0))
+    pixel = cv.mask_covariance(cv.box_mask((3, C, H, W), 2), 1e3, 0.01, 1)
+    fft = cv.blur_problem((3, C, H, W), 1.5, 0.05, "fft").covariance()
+    for cov, same, other in ((pixel, 0.1, None), (fft, None, 0.1)):
+        loss = lambda w: aebm.dual_score_losses(model, x, cov, generator=torch.Generator().manual_seed(1),
+                                                need_csm=False, dsm_weight=w)[0]
+        torch.testing.assert_close(loss("edm-pixel"), loss(same))
+        assert not torch.allclose(loss("edm-pixel"), loss(other))
+
+
 def test_the_expected_losses_of_the_exact_energy_have_their_closed_form():
     """For a prior diagonal in the basis of Sigma, x_k ~ N(mu_k, c_k), with a_k^2 = s_k / (c_k + s_k):
     E[L_DSM] = mean_k (1 - a_k^2) (the posterior variance of zeta_k) and E[L_CSM] = mean_k (1 - a_k^4)/2
