@@ -269,9 +269,11 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/normalization", help="run directories")
     p.add_argument("--plot", default="docs/normalization_offsets.png", help="figure")
     p.add_argument("--restart", action="store_true", help="set aside earlier runs in --out (train.py --restart)")
-    p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999 --anchor spectral --p-random 0.33",
+    p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999 --anchor spectral --p-random 0.33 "
+                                      "--dsm-weight edm-pixel",
                    help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3, an EMA over "
-                        "~1000 steps, the spectral anchor and a third of the masks random, docs/results.md §2)")
+                        "~1000 steps, the spectral anchor, a third of the masks random, A-DSM weighted in the pixel "
+                        "basis; docs/results.md §2)")
     a = p.parse_args()
     if a.ckpt:
         models = {c.split("=")[0]: nets.load_energy(c.split("=", 1)[1]) for c in a.ckpt}
