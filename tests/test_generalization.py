@@ -69,9 +69,10 @@ def test_train_records_the_subset_and_the_checkpoint_finds_the_same_images(tmp_p
         train.main(["--subset", "1", "--out", str(tmp_path / "x")])  # a subset of what? refused at parse time
 
 
-def test_command_line_errors_are_one_line():
-    r = subprocess.run([sys.executable, "train.py", "--dataset", "folder", "--data-dir", "/no/such/dir"], cwd=ROOT,
-                       capture_output=True, text=True)
+def test_command_line_errors_are_one_line(tmp_path):
+    # its own --out: the default (runs/quick) may hold a user's quickstart run, refused before the data are read
+    r = subprocess.run([sys.executable, "train.py", "--dataset", "folder", "--data-dir", "/no/such/dir",
+                        "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().startswith("train.py: error: image folder not found")
     assert len(r.stderr.strip().splitlines()) == 1
 
