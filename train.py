@@ -116,11 +116,9 @@ def build_parser():
 
     a = p.add_argument_group("the loss and its covariances (docs/method.md §2, §4)")
     a.add_argument("--dsm-weight", default=None, choices=["none", "edm", "anchor", "edm-pixel"],
-                   help="edm: weight A-DSM's coordinates by (s + sigma_d^2)/sigma_d^2, so that missing pixels count "
-                        "(aebm.dual_score_losses); anchor: by (s + c)/c with the anchor's own variance c per "
-                        "coordinate (edm for the white anchor); edm-pixel: edm for pixel-basis Sigma (masks, "
-                        "sigma^2 I), none for spectral Sigma; none: M5 as written (preset: edm for quick, anchor for hour and "
-                        "photos, else none)")
+                   help="edm: A-DSM's coordinates weighted by (s + sigma_d^2)/sigma_d^2, so missing pixels count; anchor: "
+                        "by (s + c)/c, c the anchor's variance; edm-pixel: edm for pixel-basis Sigma, none for spectral; "
+                        "none: M5 as written (aebm.dual_score_losses; preset: edm for quick, anchor for hour, photos; else none)")
     a.add_argument("--spectral-basis", default=None, choices=["fft", "dct"],
                    help="basis of the blur/SR training covariances (default: fft for gaussian and imagenet64, dct otherwise)")
     a.add_argument("--s-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
