@@ -419,9 +419,18 @@ def kernel_launches(events):
     return sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
 
 
-def profile_evaluation(energy, n, size, device, calls=3, top=12):
-    """Where one sampler evaluation (E and dE/dz at batch n, bf16 autocast) spends its time: the top
-    operators by device time, and the number of kernel launches per evaluation."""
+def device_time_ms(events):
+    """A profile's device time with each kernel counted once: the device-side events (kernels, copies). An
+    operator's self device time repeats the time of the kernels it launched, so a sum over every row counts
+    it twice (an H200 profile: 214 ms over all rows, 107 ms over either half, 107 ms in torch's own total)."""
+    from torch.autograd import DeviceType
+    return sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3
+
+
+def profile_evaluation(energy, n, size, device, calls=3, top=12, bf16=False):
+    """Where one sampler evaluation (E and dE/dz at batch n) spends its time: the top operators by device
+    time, and the number of kernel launches per evaluation. float32 (TF32 where the suite allows it), the
+    precision sampling runs in; bf16=True profiles it under bf16 autocast, whose casts add kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.rand(n, 3, size, size, device=device)
@@ -429,7 +438,7 @@ def profile_evaluation(energy, n, size, device, calls=3, top=12):
     cov = cv.Covariance(cov.s.clamp(max=625.0), "dct")
     z = cov.U(x)
     run = lambda: aebm.energy_and_scores(energy, z, cov, need_log_s=False)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         run()
         sync(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -437,17 +446,25 @@ def profile_evaluation(energy, n, size, device, calls=3, top=12):
             for _ in range(calls):
                 run()
             sync(device)
+        eager = interleaved({"t": run}, device, calls, 1)["t"]  # unprofiled, for the device's share of it
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
-    print(f"  kernel launches per evaluation: {kernel_launches(events) / calls:.0f}")
+    if device.type == "cuda":
+        launches, busy = kernel_launches(events) / calls, device_time_ms(events) / calls
+        # busy is what a CUDA graph's replay cannot go below; eager - busy is the host's launch work it removes
+        print(f"  per evaluation: {launches:.0f} kernel launches, {busy:.1f} ms of device time "
+              f"({1e3 * busy / launches:.1f} us per kernel), eager {1e3 * eager:.1f} ms")
     print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 def profile_train_step(config, size, batch, device, top=15):
-    """Where ONE dual-loss training step (c) spends its device time, in float32 with TF32: the device time of
-    its two halves (the loss, i.e. forward and first backward with create_graph, then the second backward
-    into the parameters), the kernels it launches, and the top operators by device time. One step only:
-    profiling several steps of a paper64 step with the CUDA activity did not finish in 150 s on an H100."""
+    """Where ONE dual-loss training step (c) spends its time, in float32 with TF32: its device time against
+    the same step's wall time unprofiled (the device's busy share: the rest is the host dispatching kernels),
+    the kernels it launches, and the top operators by device time. On the CPU, the time of its two halves
+    (the loss, i.e. forward and first backward with create_graph, then the second backward into the
+    parameters); on CUDA the second backward runs on autograd's device thread, outside the main thread's
+    record_function, so the halves are not told apart there. One step only: profiling several steps of a
+    paper64 step with the CUDA activity did not finish in 150 s on an H100."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     energy = build_energy(config, size, 3, device)
@@ -461,30 +478,23 @@ def profile_train_step(config, size, batch, device, top=15):
         with record_function("second backward"):
             L.backward(inputs=params)
 
-    for _ in range(2):  # warm-up (cuDNN's autotuner, caches)
-        step()
-    sync(device)
+    wall = interleaved({"step": step}, device, 3, 2)["step"]  # warm-up (cuDNN's autotuner, caches), then timed
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         step()
         sync(device)
-    wall = time.perf_counter() - t0
     events = prof.key_averages()
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total = "device_time_total" if cuda else "cpu_time_total"
-    halves = {e.key: getattr(e, total) / 1e3 for e in events if e.key in ("loss: forward + first backward",
-                                                                          "second backward")}
-    busy = sum(getattr(e, key) for e in events if e.key not in halves) / 1e3
-    # On CUDA the backward runs on autograd's device thread, which the main thread's record_function does not
-    # cover (an H200 profile gave the second backward 0 ms): its time is what the loss half leaves.
-    loss_half = halves.get("loss: forward + first backward", 0.0)
-    halves["second backward"] = max(halves.get("second backward", 0.0), busy - loss_half)
-    print(f"  one dual step, batch {batch}: {1e3 * wall:.0f} ms wall under the profiler, {busy:.0f} ms of "
-          f"{'device' if cuda else 'CPU'} time; " + "; ".join(f"{k}: {v:.0f} ms" for k, v in halves.items())
-          + (f"; {kernel_launches(events)} kernel launches" if cuda else ""))
-    print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
+    if cuda:
+        busy = device_time_ms(events)
+        print(f"  one dual step, batch {batch}: {busy:.0f} ms of device time in a {1e3 * wall:.0f} ms step "
+              f"(device busy {busy / (1e3 * wall):.0%}); {kernel_launches(events)} kernel launches")
+    else:
+        halves = {e.key: e.cpu_time_total / 1e3 for e in events if e.key in ("loss: forward + first backward",
+                                                                             "second backward")}
+        print(f"  one dual step, batch {batch}: {1e3 * wall:.0f} ms; " + "; ".join(f"{k}: {v:.0f} ms" for k, v in halves.items()))
+    print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=top,
+                       max_name_column_width=60))
 
 
 def run_suite(args):
