@@ -93,13 +93,13 @@ def test_normalization_measures_the_exact_energy_as_normalized(capsys):
     from experiments import normalization as nz
     ds = data.load_dataset("gaussian", 8, 1)
     res = nz.measure({"plain": (ds.prior, {"p_random": 0.0}), "random": (ds.prior, {"p_random": 0.33}), "old": (ds.prior, {})},
-                     size=8, n=16)
+                     size=8, n=16, deblur_n=2)
     for name in ("plain", "random"):
         r = res[name]
         assert max(abs(c["offset"]) for c in r["rows"]) < 1e-4 and r["spread"] < 1e-4
         assert max(abs(c["mse_ratio"] - 1) for c in r["rows"]) < 1e-3
         assert abs(r["nll"] - res["exact"]["nll"]) < 1e-4 and abs(r["nll_spectral"] - res["exact"]["nll"]) < 1e-4
-        assert r["deblur"][0] == 1.0
+        assert r["deblur"][0] == 1.0 and r["deblur"][4] == 2 * len(nz.BLIND_BLURS) * len(nz.BLIND_NOISES)
         assert len([c for c in r["rows"] if c["name"] == "isotropic, fft"]) == len(nz.LEVELS)  # sigma^2 I in both bases
     random_rows = [c for c in res["plain"]["rows"] if c["name"].startswith("random")]
     assert len(random_rows) == 6  # three fractions at two noises
