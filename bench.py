@@ -422,7 +422,7 @@ def kernel_launches(events):
 def device_time_ms(events):
     """A profile's device time with each kernel counted once: the device-side events (kernels, copies). An
     operator's self device time repeats the time of the kernels it launched, so a sum over every row counts
-    it twice (an H200 profile: 214 ms over all rows, 107 ms over either half, 107 ms in torch's own total)."""
+    it twice (docs/gpu/h200_2026-12-04_profiles.log shows both sums)."""
     from torch.autograd import DeviceType
     return sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3
 
