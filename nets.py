@@ -659,6 +659,14 @@ def device_error(name):
     return None
 
 
+def set_tf32(tf32, device):
+    """TF32 matmuls and convolutions on CUDA exactly when tf32 is true (train.py and sample.py --tf32). Set
+    both ways: cuDNN allows TF32 convolutions by default, so "off" must forbid them, or a float32 run would
+    convolve with a 10-bit mantissa on a GPU. No effect on the CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
+
+
 def evaluation_bytes(energy, shape, device):
     """Memory of one evaluation (E and dE/dz) at `shape`: the tensors autograd saves, measured at the
     network's training size (batch 1) and scaled by the number of pixels n, plus each self-attention

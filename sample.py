@@ -456,6 +456,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.steps = args.steps or (600 if device.type == "cuda" else 150)
+    nets.set_tf32(args.tf32 and args.dtype == "float32", device)  # the float64 reference stays exact
     dtype = getattr(torch, args.dtype)
     data.prepare_out(args.out)
     if args.input or args.observed:
@@ -636,6 +637,8 @@ def parse_args(argv=None):
     a.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a.add_argument("--cuda-graph", type=int, default=1, choices=[0, 1],
                    help="1: on CUDA, the samplers replay each evaluation as a captured CUDA graph")
+    a.add_argument("--tf32", type=int, default=1, choices=[0, 1],
+                   help="1: on CUDA, TF32 matmuls and convolutions (measured against float32: docs/precision.md); 0: float32")
 
     a = p.add_argument_group("test images and the classical priors")
     a.add_argument("--dataset", default=None, help="test images (default: the checkpoint's dataset, held-out split)")

@@ -327,7 +327,7 @@ def setup(args):
         join_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if args.batch % world:
         raise ValueError(f"batch {args.batch} must be divisible by the number of processes {world}")
-    set_tf32(args.tf32, device)
+    nets.set_tf32(args.tf32, device)
     try:
         data.prepare_out(args.out)
     except ValueError as e:
@@ -712,14 +712,6 @@ def agreed_signal(signum, world):
     t = torch.tensor([float(signum or 0)], device=dist_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
-
-
-def set_tf32(tf32, device):
-    """TF32 matmuls and convolutions on CUDA exactly when --tf32 is 1. Set both ways: cuDNN allows TF32
-    convolutions by default, so without this the float32 presets would train their convolutions with a
-    10-bit mantissa on a GPU while their flag says otherwise. No effect on the CPU."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
 
 
 def average_gradients(params, world):

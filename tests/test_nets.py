@@ -113,6 +113,27 @@ def strict_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def test_tf32_flag_sets_cuda_precision_both_ways_and_leaves_the_cpu_alone():
+    """train.py and sample.py --tf32 0 must forbid TF32 convolutions too: cuDNN allows them by default (the
+    flags are process-wide settings, so this runs on a CPU-only machine as well)."""
+    import sample
+    import train
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for tf32 in (0, 1, 0):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+            nets.set_tf32(tf32, torch.device("cuda"))
+            assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == bool(tf32)
+        torch.backends.cudnn.allow_tf32 = True
+        nets.set_tf32(0, torch.device("cpu"))
+        assert torch.backends.cudnn.allow_tf32
+        assert train.parse_args(["--preset", "hour"]).tf32 == 0 and train.parse_args(["--dataset", "imagenet64"]).tf32
+        assert sample.parse_args([]).tf32 == 1 and sample.parse_args(["--tf32", "0"]).tf32 == 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,groups", [((2, 8, 3, 5), 2), ((3, 12, 4, 4), 3), ((2, 4, 2, 3), 1), ((1, 6, 2, 2), 6)])
 def test_group_norm_second_derivative_passes_gradgradcheck(shape, groups, device):

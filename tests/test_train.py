@@ -467,23 +467,6 @@ def test_cuda_without_a_gpu_is_refused_at_parse_time(capsys):
     assert "no CUDA device is available" in capsys.readouterr().err
 
 
-def test_tf32_flag_sets_cuda_precision_both_ways_and_leaves_the_cpu_alone():
-    """--tf32 0 must forbid TF32 convolutions too: cuDNN allows them by default (the flags are process-wide
-    settings, so this runs on a CPU-only machine as well)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        for tf32 in (0, 1, 0):
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
-            train.set_tf32(tf32, torch.device("cuda"))
-            assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == bool(tf32)
-        torch.backends.cudnn.allow_tf32 = True
-        train.set_tf32(0, torch.device("cpu"))
-        assert torch.backends.cudnn.allow_tf32
-        assert train.parse_args(["--preset", "hour"]).tf32 == 0 and train.parse_args(["--dataset", "imagenet64"]).tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def test_the_hour_preset_and_s_range_set_the_training_variances(capsys):
     """--preset hour fills its defaults (a flag still wins), its variances are drawn from --s-range, and an
     impossible range is refused at parse time naming the flag."""
