@@ -500,9 +500,8 @@ def profile_train_step(config, size, batch, device, top=15):
 def run_suite(args):
     device = torch.device(args.device)
     sz = SUITE[device.type]
+    nets.set_tf32(True, device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     bf16 = True  # CPU autocast supports bf16 too, so the CPU stand-in runs the same code
     print(f"GPU check: {device_name(device)}, torch {torch.__version__}, {sz['config']} at {sz['size']}x{sz['size']}x3",
@@ -617,8 +616,8 @@ def run_speed_suite(args):
     device = torch.device(args.device)
     sz = SUITE[device.type]
     cuda = device.type == "cuda"
+    nets.set_tf32(True, device)
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     print(f"speed check: {device_name(device)}, torch {torch.__version__}, {sz['config']} at {sz['size']}", flush=True)
     t_start = time.perf_counter()
@@ -695,8 +694,8 @@ def run_batch_suite(args):
     bench.flops_per_call) as the batch grows says the same of the dual step's excess over the score step."""
     device = torch.device(args.device)
     sz = BATCH_SUITE[device.type]
+    nets.set_tf32(True, device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     print(f"batch check: {device_name(device)}, torch {torch.__version__}, {sz['config']} at {sz['size']}x{sz['size']}x3, "
           f"float32{' with TF32' if device.type == 'cuda' else ''}", flush=True)
