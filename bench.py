@@ -741,9 +741,7 @@ def main(argv=None):
     if args.suite == "batch":
         return run_batch_suite(args)
     device = torch.device(args.device)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    nets.set_tf32(args.tf32, device)  # without --tf32, float32 convolutions too (cuDNN's default is TF32)
     size = args.img_size or (32 if args.config in ("small", "tiny") else 64)
     what = (f"batch {args.batch}: {args.config}, {size}x{size}x{args.channels}, {device_name(device)}, "
             f"torch {torch.__version__}, " + (" ".join(f for f, on in (("bf16", args.bf16), ("tf32", args.tf32),
