@@ -446,7 +446,8 @@ def profile_evaluation(energy, n, size, device, calls=3, top=12, bf16=False):
             for _ in range(calls):
                 run()
             sync(device)
-        eager = interleaved({"t": run}, device, calls, 1)["t"]  # unprofiled, for the device's share of it
+        if device.type == "cuda":  # unprofiled, against the device time below
+            eager = interleaved({"t": run}, device, calls, 1)["t"]
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     if device.type == "cuda":
