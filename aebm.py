@@ -108,14 +108,6 @@ class EnergyModel(nn.Module):
     ~ 1e4 times any residual sensitivity; with sqrt(w) y~ it is ~ 1/v_k, the true energy's own
     scaling, and the error stays O(1). tests/test_energy.py shows both for a random network.
 
-    With a network that also outputs G (nets.UNet(square_term=True), train.py --square-term) M3 gains a
-    square term 1/2 sum_k w_k |(U G_theta)_k|^2, zero for G = 0 (so every energy M3 writes it writes too)
-    and vanishing like 1/s. Why: at low noise the energy of an image near the images' manifold is ~
-    1/2 |noise across the manifold|^2 / s, which the square term writes with a unit-scale G (the noise
-    over sqrt(s)), and its score (w / sigma_d) J_G^T (w G) applies the network's Jacobian to G, a
-    noise-sized vector. M3's inner product must write the same energy as < y~, F > and its score applies
-    J_F^T to y~, an image-sized vector, whose image-sized part must cancel to the noise's precision.
-
     Above the training range (s > S_MAX = 1e3, up to s_huge) the network sees log s clamped to
     S_MAX in its embedding (nets.sinusoidal) and an input sqrt(w) y~ ~ sigma_d zeta / sqrt(s) -> 0:
     such coordinates look alike to it whatever their s, and the posterior mean does not depend on s
@@ -185,14 +177,9 @@ class EnergyModel(nn.Module):
             F, b = self.net(x_in.to(self.dtype), cov, with_offset=True)  # (B, C, H, W) each; bf16 under autocast
         else:  # any other network F_theta(x, Sigma)
             F, b = self.net(x_in.to(self.dtype), cov), None
-        G = None
-        if getattr(self.net, "square_term", False):  # nets.UNet(square_term=True) gives F and G side by side
-            F, G = F.chunk(2, dim=1)
         with torch.autocast(z.device.type, enabled=False):
             a = self.learned_weight(c, v, cov.s)  # w as the paper writes M3 (see learned_weight)
             learned = sum_coords(0.5 * (y_t.conj() * a * cov.U(F.to(real_dtype(z)))).real)  # real part: fft is complex
-            if G is not None:  # the square term 1/2 sum_k w_k |(U G)_k|^2 (see square_term above)
-                learned = learned + sum_coords(0.5 * w * cov.U(G.to(real_dtype(z))).abs().square())
             if b is not None:  # sum_k w_k b_k(Sigma): y-independent, vanishing like 1/s (the anchor stays exact)
                 learned = learned + sum_coords(w * b.to(real_dtype(z)))
             if part == "learned":

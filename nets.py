@@ -227,7 +227,7 @@ class UNet(nn.Module):
     H, W divisible by 2^(len(mults) - 1) (attention stays at the same levels)."""
 
     def __init__(self, img_size, in_channels, channels, mults, blocks, attn, dropout, emb_hidden, emb_blocks,
-                 spectral="frequency", anchor="white", square_term=False):
+                 spectral="frequency", anchor="white"):
         super().__init__()
         if spectral not in ("frequency", "pooled"):
             raise ValueError(f"spectral conditioning {spectral!r}: use 'frequency' or 'pooled'")
@@ -274,16 +274,6 @@ class UNet(nn.Module):
                 self.dec.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                               nn.Conv2d(ch, ch, 3, padding=1)))  # up-sampling
         self.out = nn.Sequential(group_norm(ch), SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)))
-        # With square_term, a second output G for M3's square term 1/2 sum_k w_k |(U G)_k|^2 (aebm.EnergyModel,
-        # train.py --square-term), read from the same last features. Not zero-initialised: the square term's
-        # gradients are proportional to G, so G = 0 would be a saddle training never leaves; 3 % of the
-        # default initialisation starts it small (the energy starts near, not at, the Gaussian energy).
-        self.square_term = bool(square_term)
-        if self.square_term:
-            self.out_square = nn.Conv2d(ch, in_channels, 3, padding=1)
-            with torch.no_grad():
-                self.out_square.weight.mul_(0.03)
-                self.out_square.bias.zero_()
 
         # Gain projections: one 1x1 conv per level gives the gains of all the blocks at that level at once
         # (fewer, larger operations: the dual loss differentiates this path twice).
@@ -383,23 +373,17 @@ class UNet(nn.Module):
                 h = layer(torch.cat([h, skips.pop()], dim=1), *next(gains), cov.basis)
             else:
                 h = layer(h)
-        if self.square_term:  # F and G side by side, (B, 2C, H, W): aebm.EnergyModel splits them
-            features = self.out[1](self.out[0](h))
-            out = torch.cat([self.out[2](features), self.out_square(features)], dim=1)
-        else:
-            out = self.out(h)
-        return (out, offset) if with_offset else out
+        return (self.out(h), offset) if with_offset else self.out(h)
 
 
-def build_unet(config, img_size, in_channels, dropout=None, spectral="frequency", anchor="white", square_term=False):
+def build_unet(config, img_size, in_channels, dropout=None, spectral="frequency", anchor="white"):
     """The UNet of a named configuration (CONFIGS) for img_size x img_size images with in_channels;
     dropout overrides the configuration's rate; spectral is the conditioning on a spectral Sigma; anchor is
-    M3's Gaussian part for a spectral Sigma (white or spectral: aebm.EnergyModel.anchor_var); square_term
-    adds the output G of M3's square term."""
+    M3's Gaussian part for a spectral Sigma (white or spectral: aebm.EnergyModel.anchor_var)."""
     if config not in CONFIGS:
         raise ValueError(f"unknown network config {config!r}: use one of {sorted(CONFIGS)}")
     kwargs = dict(CONFIGS[config], **({} if dropout is None else {"dropout": dropout}))
-    return UNet(img_size=img_size, in_channels=in_channels, spectral=spectral, anchor=anchor, square_term=square_term, **kwargs)
+    return UNet(img_size=img_size, in_channels=in_channels, spectral=spectral, anchor=anchor, **kwargs)
 
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
@@ -432,8 +416,7 @@ def build_energy(config, device="cpu"):
     """The energy model a checkpoint's config dict describes (its weights not loaded)."""
     # checkpoints from before the frequency-domain conditioning hold the pooled form
     net = build_unet(config["config"], config["img_size"], config["channels"], dropout=config.get("dropout"),
-                     spectral=config.get("spectral", "pooled"), anchor="spectral" if config.get("anchor_spectrum") else "white",
-                     square_term=config.get("square_term", False))
+                     spectral=config.get("spectral", "pooled"), anchor="spectral" if config.get("anchor_spectrum") else "white")
     net = net.to(device=device, dtype=getattr(torch, config["dtype"]))
     return aebm.EnergyModel(net, config["data_mean"], config["data_var"], config.get("anchor_spectrum"),
                             config.get("learned_scale", "w"))

@@ -112,8 +112,6 @@ def build_parser():
                    help="weight of the network's output in M3's learned term: w, as the paper writes it, or unit, EDM's "
                         "preconditioning carried over so the network's output is unit-scale at every noise level, or fill, "
                         "a direct output for coordinates that carry no information (aebm.EnergyModel.learned_weight)")
-    a.add_argument("--square-term", type=int, default=0, choices=[0, 1],
-                   help="1: M3 gains a square term 1/2 sum w |U G|^2 from a second network output (aebm.EnergyModel)")
     a.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype (float64 for tests)")
 
     a = p.add_argument_group("the loss and its covariances (docs/method.md §2, §4)")
@@ -377,8 +375,7 @@ def build_model(args, ds, ctx):
     spectrum = None
     if args.anchor == "spectral":  # the power law of 512 training images (the same draw on every rank)
         spectrum = aebm.fit_spectrum(ds.get_batch(512, torch.Generator().manual_seed(777_777)), args.spectral_basis, ds.mean)
-    config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, anchor_spectrum=spectrum, learned_scale=args.learned_scale,
-                  square_term=bool(args.square_term), lam=args.lam,
+    config.update(spectral_basis=args.spectral_basis, data_mean=ds.mean, data_var=ds.var, anchor_spectrum=spectrum, learned_scale=args.learned_scale, lam=args.lam,
                   dropout=args.dropout, spectral=args.spectral, leaf_radii=args.leaf_radii, crop=args.crop, scale=args.scale,
                   train_images=args.train_images, subset=args.subset,
                   data_dir=os.path.abspath(args.data_dir) if args.data_dir else None)  # data.dataset_for reads these
@@ -546,7 +543,6 @@ def check_same_config(saved, args, path):
     if ("spectral" if saved.get("anchor_spectrum") else "white") != args.anchor:
         diff["anchor"] = ("spectral" if saved.get("anchor_spectrum") else "white", args.anchor)
     for k, default in (("crop", "center"), ("scale", 1.0), ("spectral", "pooled"), ("learned_scale", "w"),  # older checkpoints lack these
-                       ("square_term", False),
                        ("train_images", 0), ("subset", 0)):
         if saved.get(k, default) != getattr(args, k):
             diff[k] = (saved.get(k, default), getattr(args, k))

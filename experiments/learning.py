@@ -7,6 +7,7 @@ images and noise (docs/results.md §1).
     python -m experiments.learning --ckpt runs/hour/ckpt.pt --n 64
     python -m experiments.learning --compare edm=runs/hour/log.csv M5=runs/m5/log.csv --tasks denoise sr
     python -m experiments.learning --noise-axis energy=runs/hour/ckpt.pt denoiser=runs/denoiser/ckpt.pt --plot n.png
+    python -m experiments.learning --score-parts energy=runs/hour/ckpt.pt
 
 Prints, in float32 (what users run): the posterior-mean PSNR of the model, of the fitted Wiener
 filter and of the observation for denoising (sigma 0.1), box inpainting (half the size, sigma 0.05),
@@ -18,7 +19,8 @@ inpainting's error inside the hole (the fill) and on the observed pixels, model 
 denoising at every noise level from 0.01 to 1 (where along the noise axis the model gains or loses). It also redraws the
 run's learning curves (OUT/curves.png) from its log.csv. --compare draws several runs' curves in one
 figure against training steps (wall time differs between runs and machines; steps do not); --noise-axis
-draws several checkpoints' denoising gain over Wiener against the noise level in one figure.
+draws several checkpoints' denoising gain over Wiener against the noise level in one figure;
+--score-parts splits an energy's Tweedie correction into what F's output and F's Jacobian give (score_parts).
 """
 
 import argparse
@@ -165,6 +167,50 @@ def noise_axis(runs, out, n=32, seed=0):
     return path, {name: gain for name, _, gain in curves}
 
 
+class _ValueOnly(torch.nn.Module):
+    """The energy's network evaluated at a detached input, so that its outputs enter the energy's z-gradient as
+    constants (score_parts' value part); the offsets b pass through."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.inner = net
+        if hasattr(net, "offset"):  # EnergyModel then asks for (F, b), as it does of the network itself
+            self.offset = True
+
+    def forward(self, x, cov, with_offset=False):
+        return self.inner(x.detach(), cov, with_offset=True) if with_offset else self.inner(x.detach(), cov)
+
+
+def score_parts(energy, y, cov):
+    """Where an energy's learned Tweedie correction comes from. t = s dE_learned/dz is the move from the anchor's
+    Wiener estimate to the posterior mean in the basis (M4); M3's learned term 1/2 <y~, a U F(x_in)> gives it two
+    parts, t = t_F + t_J: t_F = 1/2 s a v^(-1/2) U F, F's output as a coefficient, and t_J, F's Jacobian applied
+    to the image-sized a y~ (the offsets b do not depend on y). For a linear F with a symmetric Jacobian (a
+    Gaussian prior's exact energy) the two are equal. Returns the RMS over all coordinates of (t, t_F, t_J)."""
+    z = cov.U(y)
+    value = aebm.EnergyModel(_ValueOnly(energy.net), energy.mean, energy.data_var, energy.spectrum, energy.learned_scale)
+    t = cov.s * aebm.energy_and_scores(energy, z, cov, need_log_s=False, part="learned")[1].detach()
+    t_F = cov.s * aebm.energy_and_scores(value, z, cov, need_log_s=False, part="learned")[1].detach()
+    return tuple(p.abs().square().mean().sqrt() for p in (t, t_F, t - t_F))
+
+
+def score_parts_by_noise(runs, n=8, sigmas=NOISE_LEVELS, seed=0):
+    """{name: {sigma: (|t| / sigma, |t_F| / |t|, |t_J| / |t|)}} for energies {name: checkpoint} on n
+    held-out images under white noise of each std (pixel basis, as denoising_by_noise): |t| / sigma is the
+    correction's size against the noise it removes, the others each part's size against the correction."""
+    out = {}
+    for name, path in runs:
+        energy, config = nets.load_energy(path)
+        x, _ = held_out_and_fitted(config, n, seed)
+        out[name] = {}
+        for sigma in sigmas:
+            cov = cv.isotropic(sigma ** 2, x.shape, "pixel")
+            y = x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+            t, t_F, t_J = (v.item() for v in score_parts(energy, y, cov))
+            out[name][sigma] = (t / sigma, t_F / t, t_J / t)
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="A checkpoint against the fitted Wiener filter and the observation.")
     p.add_argument("--ckpt", default="runs/quick/ckpt.pt", help="checkpoint of train.py")
@@ -181,6 +227,9 @@ if __name__ == "__main__":
     p.add_argument("--noise-axis", nargs="*", default=None, metavar="NAME=CKPT",
                    help="instead: denoising along the noise axis for these checkpoints (energies or plain "
                         "denoisers), one table and one figure (--plot)")
+    p.add_argument("--score-parts", nargs="*", default=None, metavar="NAME=CKPT",
+                   help="instead: for these energies, the two parts of their Tweedie correction along the noise axis "
+                        "(score_parts: through F's value and through its Jacobian)")
     p.add_argument("--tasks", nargs="*", default=["denoise", "inpaint", "deblur", "sr"], help="with --compare")
     p.add_argument("--plot", default="runs/learning_compare.png", help="with --compare: the figure")
     a = p.parse_args()
@@ -189,6 +238,16 @@ if __name__ == "__main__":
         if any(len(r) != 2 for r in runs):
             raise SystemExit("--noise-axis takes NAME=CKPT items, e.g. energy=runs/hour/ckpt.pt")
         print("figure:", noise_axis(runs, a.plot, a.n)[0])
+        raise SystemExit(0)
+    if a.score_parts is not None:
+        runs = [item.split("=", 1) for item in a.score_parts]
+        if any(len(r) != 2 for r in runs):
+            raise SystemExit("--score-parts takes NAME=CKPT items, e.g. energy=runs/hour/ckpt.pt")
+        print("| RMS of the learned correction t = t_F + t_J | " + " | ".join(f"σ {s:g}" for s in NOISE_LEVELS) + " |")
+        print("|---" * (len(NOISE_LEVELS) + 1) + "|")
+        for name, r in score_parts_by_noise(runs).items():
+            for i, what in enumerate(("\\|t\\| / σ", "\\|t_F\\| / \\|t\\|", "\\|t_J\\| / \\|t\\|")):
+                print(f"| {name}: {what} | " + " | ".join(f"{r[s][i]:.2f}" for s in NOISE_LEVELS) + " |")
         raise SystemExit(0)
     if a.compare is not None:
         runs = [item.split("=", 1) for item in a.compare]

@@ -76,3 +76,34 @@ def test_denoising_by_noise_matches_the_closed_form_posterior_variance_of_a_gaus
         assert abs(observed + 20 * torch.log10(torch.tensor(sigma)).item()) < 0.25, (sigma, observed)
         assert wrong < model + 0.02, (sigma, wrong, model)
     assert res[0.1][0] - res[0.1][1] > 0.15 and res[0.5][0] - res[0.5][1] > 0.15  # (0.28 and 0.30 dB here)
+
+
+def test_score_parts_split_a_gaussian_fields_correction_as_the_closed_form_does():
+    """experiments.learning.score_parts (float32, 32x32x1, fft, s = 1e-3 and 1e-1): on the network that writes the
+    smooth Gaussian field's exact energy in M3 (a linear filter with a symmetric Jacobian) the correction is
+    t = s q r with q = 1/(C + s) - 1/v, half through F's value and half through its Jacobian; on a constant
+    output (no Jacobian) all of it is the value part, -1/2 s w v^(-1/2) per coordinate (M3 with a = w)."""
+    import math
+
+    import pytest
+    from experiments.learning import score_parts
+    from tests.test_learned_scale import ConstantNet, SmoothField, exact_field_model
+
+    fld = SmoothField(32)
+    model = exact_field_model(fld, "w")
+    x = fld.get_batch(4, torch.Generator().manual_seed(0))
+    rms = lambda t: t.abs().square().mean().sqrt().item()
+    for s in (1e-3, 1e-1):
+        cov = cv.isotropic(s, x.shape, "fft")
+        y = x + math.sqrt(s) * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        cov64 = cv.Covariance(cov.s.double(), "fft")
+        r = cov64.U(y.double()) - model.mean_z(cov64.U(y.double()), cov64)
+        q = 1 / (fld.C.double() + s) - 1 / (fld.var + s)
+        t, t_F, t_J = (v.item() for v in score_parts(model, y, cov))
+        assert t == pytest.approx(rms(s * q * r), rel=1e-3), s
+        assert t_F == pytest.approx(0.5 * t, rel=1e-3) and t_J == pytest.approx(0.5 * t, rel=1e-3), s
+    const = aebm.EnergyModel(ConstantNet(), mean=0.5, data_var=0.08)
+    cov = cv.isotropic(1e-2, (2, 3, 32, 32), "pixel")
+    t, t_F, t_J = (v.item() for v in score_parts(const, torch.rand(2, 3, 32, 32), cov))
+    expected = 0.5 * 1e-2 * (0.08 / 0.09) / math.sqrt(0.09)
+    assert t == pytest.approx(expected, rel=1e-5) and t_F == pytest.approx(expected, rel=1e-5) and t_J < 1e-6 * t
