@@ -195,19 +195,31 @@ def score_parts(energy, y, cov):
 
 
 def score_parts_by_noise(runs, n=8, sigmas=NOISE_LEVELS, seed=0):
-    """{name: {sigma: (|t| / sigma, |t_F| / |t|, |t_J| / |t|)}} for energies {name: checkpoint} on n
-    held-out images under white noise of each std (pixel basis, as denoising_by_noise): |t| / sigma is the
-    correction's size against the noise it removes, the others each part's size against the correction."""
+    """{name: {sigma: (|t| / sigma, |t_F| / |t|, |t_J| / |t|)}} for checkpoints {name: path} on n held-out images
+    under white noise of each std (pixel basis, as denoising_by_noise): |t| / sigma is the correction's size
+    against the noise it removes, the others each part's size against the correction. A plain denoiser
+    (experiments/denoiser.py) has no parts: its t is the move from the same Wiener estimate to its own x^,
+    and its parts are nan."""
+    from experiments import denoiser  # it imports this module
     out = {}
     for name, path in runs:
-        energy, config = nets.load_energy(path)
+        config = nets.load_checkpoint(path)["config"]
+        plain = config.get("model") == "denoiser"
+        model = (denoiser.load_denoiser(path) if plain else nets.load_energy(path))[0]
         x, _ = held_out_and_fitted(config, n, seed)
         out[name] = {}
         for sigma in sigmas:
             cov = cv.isotropic(sigma ** 2, x.shape, "pixel")
             y = x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
-            t, t_F, t_J = (v.item() for v in score_parts(energy, y, cov))
-            out[name][sigma] = (t / sigma, t_F / t, t_J / t)
+            if plain:
+                z = cov.U(y)
+                mu, c = model.mean_z(z, cov), model.anchor_var(cov)
+                with torch.no_grad():
+                    t = (mu + c / (c + cov.s) * (z - mu) - cov.U(model.estimate(y, cov))).abs().square().mean().sqrt().item()
+                out[name][sigma] = (t / sigma, math.nan, math.nan)
+            else:
+                t, t_F, t_J = (v.item() for v in score_parts(model, y, cov))
+                out[name][sigma] = (t / sigma, t_F / t, t_J / t)
     return out
 
 
@@ -229,7 +241,7 @@ if __name__ == "__main__":
                         "denoisers), one table and one figure (--plot)")
     p.add_argument("--score-parts", nargs="*", default=None, metavar="NAME=CKPT",
                    help="instead: for these energies, the two parts of their Tweedie correction along the noise axis "
-                        "(score_parts: through F's value and through its Jacobian)")
+                        "(score_parts: through F's value and through its Jacobian); plain denoisers: its size")
     p.add_argument("--tasks", nargs="*", default=["denoise", "inpaint", "deblur", "sr"], help="with --compare")
     p.add_argument("--plot", default="runs/learning_compare.png", help="with --compare: the figure")
     a = p.parse_args()
@@ -247,7 +259,8 @@ if __name__ == "__main__":
         print("|---" * (len(NOISE_LEVELS) + 1) + "|")
         for name, r in score_parts_by_noise(runs).items():
             for i, what in enumerate(("\\|t\\| / σ", "\\|t_F\\| / \\|t\\|", "\\|t_J\\| / \\|t\\|")):
-                print(f"| {name}: {what} | " + " | ".join(f"{r[s][i]:.2f}" for s in NOISE_LEVELS) + " |")
+                if not math.isnan(r[NOISE_LEVELS[0]][i]):  # a plain denoiser has no parts
+                    print(f"| {name}: {what} | " + " | ".join(f"{r[s][i]:.2f}" for s in NOISE_LEVELS) + " |")
         raise SystemExit(0)
     if a.compare is not None:
         runs = [item.split("=", 1) for item in a.compare]

@@ -91,6 +91,17 @@ def test_a_denoiser_run_trains_resumes_is_measured_and_is_refused_as_an_energy(t
     figure, gains = learning.noise_axis([("den", path)], str(tmp_path / "noise.png"), n=2)
     assert os.path.exists(figure)
     assert gains["den"] == pytest.approx([m - w for m, w, _ in res["by_noise"].values()], abs=1e-9)
+    # --score-parts gives a denoiser its correction's size: the move from the white anchor's Wiener estimate
+    # mu + sigma_d^2 / (sigma_d^2 + s) (y - mu) to its x^, written here from the checkpoint's data statistics
+    parts = learning.score_parts_by_noise([("den", path)], n=2, sigmas=(0.05,))["den"][0.05]
+    model, config = dn.load_denoiser(path)
+    x, _ = learning.held_out_and_fitted(config, 2, 0)
+    y = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    mu, var = config["data_mean"], config["data_var"]
+    with torch.no_grad():
+        move = mu + var / (var + 0.05 ** 2) * (y - mu) - model.estimate(y, cv.isotropic(0.05 ** 2, y.shape, "pixel"))
+    assert parts[0] == pytest.approx(move.square().mean().sqrt().item() / 0.05, rel=1e-5) and parts[0] > 0
+    assert torch.isnan(torch.tensor(parts[1:])).all()
     with pytest.raises(SystemExit, match="--lam 0"):
         dn.main(flags + ["--lam", "1"])
 

@@ -102,6 +102,9 @@ def test_score_parts_split_a_gaussian_fields_correction_as_the_closed_form_does(
         t, t_F, t_J = (v.item() for v in score_parts(model, y, cov))
         assert t == pytest.approx(rms(s * q * r), rel=1e-3), s
         assert t_F == pytest.approx(0.5 * t, rel=1e-3) and t_J == pytest.approx(0.5 * t, rel=1e-3), s
+        # t is the move from the anchor's Wiener estimate to the posterior mean (M4), as for a plain denoiser
+        wiener = cov.Uh(model.mean_z(cov.U(y), cov) + fld.var / (fld.var + s) * (cov.U(y) - model.mean_z(cov.U(y), cov)))
+        assert t == pytest.approx(rms(wiener - aebm.posterior_mean(model, y, cov)), rel=1e-3), s
     const = aebm.EnergyModel(ConstantNet(), mean=0.5, data_var=0.08)
     cov = cv.isotropic(1e-2, (2, 3, 32, 32), "pixel")
     t, t_F, t_J = (v.item() for v in score_parts(const, torch.rand(2, 3, 32, 32), cov))
