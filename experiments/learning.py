@@ -146,18 +146,24 @@ def compare_curves(runs, tasks, out):
                                xlabel="training step", ylabel="dB above Wiener")
 
 
+def load_model(path):
+    """(model, config) from a checkpoint of train.py (an energy) or of experiments/denoiser.py (a plain denoiser)."""
+    from experiments import denoiser  # it imports this module
+    if nets.load_checkpoint(path)["config"].get("model") == "denoiser":
+        return denoiser.load_denoiser(path)
+    return nets.load_energy(path)
+
+
 def noise_axis(runs, out, n=32, seed=0):
     """Denoising along the noise axis for several checkpoints, energies or plain denoisers (experiments/denoiser.py),
     each against the Wiener filter fitted to its own training data on the same held-out images and noise:
     prints one markdown row per run and draws dB above Wiener against log10 sigma in one figure. Returns
     (the figure's path, {name: gains in dB})."""
-    from experiments import denoiser  # it imports this module
     print("| denoising, dB above Wiener at σ = | " + " | ".join(f"{s:g}" for s in NOISE_LEVELS) + " |")
     print("|---" * (len(NOISE_LEVELS) + 1) + "|")
     curves = []
     for name, path in runs:
-        config = nets.load_checkpoint(path)["config"]
-        model = (denoiser.load_denoiser(path) if config.get("model") == "denoiser" else nets.load_energy(path))[0]
+        model, config = load_model(path)
         x, wiener = held_out_and_fitted(config, n, seed)
         gain = [m - w for m, w, _ in denoising_by_noise(model, wiener, x, config["spectral_basis"], seed=seed).values()]
         print(f"| {name} | " + " | ".join(f"{g:+.2f}" for g in gain) + " |", flush=True)
@@ -200,12 +206,10 @@ def score_parts_by_noise(runs, n=8, sigmas=NOISE_LEVELS, seed=0):
     against the noise it removes, the others each part's size against the correction. A plain denoiser
     (experiments/denoiser.py) has no parts: its t is the move from the same Wiener estimate to its own x^,
     and its parts are nan."""
-    from experiments import denoiser  # it imports this module
     out = {}
     for name, path in runs:
-        config = nets.load_checkpoint(path)["config"]
+        model, config = load_model(path)
         plain = config.get("model") == "denoiser"
-        model = (denoiser.load_denoiser(path) if plain else nets.load_energy(path))[0]
         x, _ = held_out_and_fitted(config, n, seed)
         out[name] = {}
         for sigma in sigmas:
