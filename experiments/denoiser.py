@@ -81,11 +81,14 @@ class Denoiser(nn.Module):
 
     def estimate(self, y, cov):
         """x^ directly: U^H(mu + w (z - mu) + c_out U F), c_out = sqrt(s w); differentiable in y."""
-        z = cov.U(y)
+        return cov.Uh(self.estimate_z(cov.U(y), cov))
+
+    def estimate_z(self, z, cov):
+        """U x^ from the basis coordinates z = U y (experiments/distill.py's target)."""
         mu = self.mean_z(z, cov)
         c = self.anchor_var(cov)
         w = c / (c + cov.s)
-        return cov.Uh(mu + w * (z - mu) + (cov.s * w).sqrt() * self.network_term(z, cov, detach=False))
+        return mu + w * (z - mu) + (cov.s * w).sqrt() * self.network_term(z, cov, detach=False)
 
 
 def build_denoiser(config, device="cpu"):
