@@ -67,7 +67,9 @@ def distillation_losses(teacher, energy, x, cov, generator=None, need_csm=True, 
         zeta = cv.white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
     Ux = cov.U(x)
     z = Ux + cov.s.sqrt() * zeta  # as dual_score_losses forms it
-    with torch.no_grad():
+    # the teacher in float32 even under bf16 autocast: at s = 1e-6 a bf16 rounding of x^_T (~1e-3) would be a
+    # target error of ~1 in zeta_T, as large as the noise itself
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
         delta = (teacher(z, cov) - Ux) / cov.s  # sqrt(s) delta = zeta - zeta_T
     return plain_losses(Shifted(energy, delta), x, cov, generator, need_csm=need_csm, zeta=zeta, dsm_weight=dsm_weight)
 
