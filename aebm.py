@@ -680,15 +680,18 @@ def fit_power_law(z, s, mean, alphas=None, n_amplitudes=81):
     (s < s_huge), N(z_k; mu_k, c_k + s_k), on a grid; three numbers per channel fitted to thousands of
     coordinates, so the fit's own advantage is negligible. Returns a GaussianEnergy in the DCT basis."""
     B, C, H, W = z.shape
-    f = spatial_frequency(H, W, "dct")
+    dev = z.device  # the whole fit on the observation's device (a restorer on a GPU)
+    f = spatial_frequency(H, W, "dct", dev)
     f0 = 1 / (2 * max(H, W))
     log_f = 0.5 * (f ** 2 + f0 ** 2).log()  # (H, W)
-    mu = to_basis(torch.as_tensor(mean, dtype=torch.float64).view(1, C, 1, 1).expand(1, C, H, W), "dct")[0]
+    mean = torch.as_tensor(mean, dtype=torch.float64, device=dev)
+    mu = to_basis(mean.view(1, C, 1, 1).expand(1, C, H, W), "dct")[0]
     r2 = (z.double()[0] - mu) ** 2  # (C, H, W)
     s = s.double()[0]
     keep = s < S_HUGE * 0.999
     alphas = torch.linspace(0, 4, 41, dtype=torch.float64) if alphas is None else alphas
-    c = torch.empty(C, H, W, dtype=torch.float64)
+    alphas = alphas.to(dev)
+    c = torch.empty(C, H, W, dtype=torch.float64, device=dev)
     for ch in range(C):
         k = keep[ch]
         shape = -log_f[k][None, :] * alphas[:, None]  # (n_alpha, n): log c_k - log A
@@ -697,14 +700,14 @@ def fit_power_law(z, s, mean, alphas=None, n_amplitudes=81):
         sharp = s[ch][k] <= s[ch][k].median()
         excess = (r2[ch][k][sharp] - s[ch][k][sharp]).mean().clamp_min(1e-8)
         center = excess.log() - shape[:, sharp].exp().mean(1).log()  # (n_alpha,)
-        log_A = center[:, None] + torch.linspace(-8, 8, n_amplitudes, dtype=torch.float64)[None, :]
-        nll = torch.empty(len(alphas), n_amplitudes, dtype=torch.float64)
+        log_A = center[:, None] + torch.linspace(-8, 8, n_amplitudes, dtype=torch.float64, device=dev)[None, :]
+        nll = torch.empty(len(alphas), n_amplitudes, dtype=torch.float64, device=dev)
         for i in range(len(alphas)):  # one exponent at a time: (n_A, n) values, not (n_alpha, n_A, n)
             v = (log_A[i, :, None] + shape[i]).exp() + s[ch][k]
             nll[i] = 0.5 * (r2[ch][k] / v + v.log()).sum(-1)
         i, j = divmod(int(nll.argmin()), n_amplitudes)
         c[ch] = (log_A[i, j] - alphas[i] * log_f).exp()
-    mean_image = torch.as_tensor(mean, dtype=torch.float64).view(C, 1, 1).expand(C, H, W).clone()
+    mean_image = mean.view(C, 1, 1).expand(C, H, W).clone()
     return GaussianEnergy(mean_image, Covariance(c[None], "dct"))
 
 

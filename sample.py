@@ -402,7 +402,9 @@ def restore(args, energy, y, cov_y, device, generator, report):
     report["evaluations"] = 1
     if args.sampler == "mean":
         return x_hat, []
-    use_graph = device.type == "cuda" and args.cuda_graph  # launches, not arithmetic, set an eager GPU evaluation's pace
+    # launches, not arithmetic, set an eager GPU evaluation's pace; the learned energy only: the exact Gaussian's
+    # energy chooses its formula from Sigma on the host (a sync a graph cannot capture) and is a few launches anyway
+    use_graph = device.type == "cuda" and args.cuda_graph and isinstance(energy, aebm.EnergyModel)
     sampler_energy = CudaGraphEnergy(energy, cov_y.U(y), cov_y) if use_graph else energy
     per_level = 1 + args.correctors + (args.sampler == "adaptive" and args.correctors > 0)  # as reverse_diffusion counts
     progress = data.Progress(f"{args.sampler} sampling", args.samples * args.steps * per_level, args.quiet)
