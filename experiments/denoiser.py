@@ -32,6 +32,7 @@ checkpoint it writes is refused by sample.py.
     python -m experiments.denoiser --asymmetry den=runs/denoiser/ckpt.pt # how far its Jacobian is from symmetric
 """
 
+import contextlib
 import math
 import sys
 
@@ -182,9 +183,16 @@ def main(argv=None):
         raise SystemExit("the denoiser is not an energy: it trains with A-DSM alone (--lam 0, the default here)")
     # train.py's loop, data, covariances, loss, checkpoints and resume, with this wrapper around the network
     # (in-training validation: its restoration PSNRs are the denoiser's; its blind column and A-CSM are meaningless)
+    with built_by_train():
+        train.main(argv + ["--lam", "0"] + ([] if "--out" in argv else ["--out", "runs/denoiser"]))
+
+
+@contextlib.contextmanager
+def built_by_train():
+    """Inside: train.py builds this plain denoiser where it would build an energy (also experiments/distill.py)."""
     build_energy, nets.build_energy = nets.build_energy, build_denoiser
     try:
-        train.main(argv + ["--lam", "0"] + ([] if "--out" in argv else ["--out", "runs/denoiser"]))
+        yield
     finally:
         nets.build_energy = build_energy
 

@@ -18,7 +18,8 @@ variance is only the student's error (the teacher's estimate is a function of y,
 x given y). A-CSM still regresses dE/dlog s onto 1/2 (1 - |zeta|^2) from the noise actually drawn: the
 normalization is learned as before. If the distilled energy reaches the teacher, the form can write
 it and the gap is in learning it; if it stops where the energy trained on data stops, the form is
-the limit at this budget.
+the limit at this budget. The control, `--student denoiser`, trains the same network as a plain denoiser
+(experiments/denoiser.py) against the same teacher: the same targets, the form the only difference.
 
 How: dual_score_losses forms z from zeta and regresses sqrt(s) dE/dz onto zeta. Adding to E the linear
 term Re<z, delta>, delta = (U x^_T - U x) / s (a constant: no parameter, no log s in it), shifts
@@ -27,9 +28,11 @@ computes the distilled A-DSM and the same A-CSM (tests/test_distill.py checks bo
 formulas). Only the training step does this; validation still scores the energy against clean images.
 
     python -m experiments.distill --teacher runs/den_big/ckpt.pt --preset hour --leaf-radii 2 32 --lam 0.05 --out runs/distill
+    python -m experiments.distill --teacher runs/den_big/ckpt.pt --student denoiser --preset hour --leaf-radii 2 32 --out runs/distill_den
     python -m experiments.learning --ckpt runs/distill/ckpt.pt --by-noise 1     # its table, as any energy's
 """
 
+import contextlib
 import sys
 
 import torch
@@ -100,6 +103,18 @@ def main(argv=None):
                          "(python -m experiments.denoiser --preset hour --out runs/denoiser trains one)")
     i = argv.index("--teacher")
     path, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    student = "energy"
+    if "--student" in argv:
+        i = argv.index("--student")
+        student, argv = argv[i + 1:i + 2], argv[:i] + argv[i + 2:]
+        student = student[0] if student in (["energy"], ["denoiser"]) else None
+        if student is None:
+            raise SystemExit("--student must be energy (M3, the default) or denoiser (the same network as "
+                             "experiments/denoiser.py's plain denoiser: the control)")
+    if student == "denoiser":  # as experiments/denoiser.py: no energy, so no A-CSM
+        if "--lam" in argv and argv[argv.index("--lam") + 1:][:1] != ["0"]:
+            raise SystemExit("a denoiser student is not an energy: it trains with A-DSM alone (--lam 0, the default here)")
+        argv = argv + ["--lam", "0"]
     argv = argv + ([] if "--out" in argv else ["--out", "runs/distill"])
     args = train.parse_args(argv)
     teacher = load_teacher(path, args)
@@ -116,7 +131,8 @@ def main(argv=None):
 
     train.train_step = distilled_step
     try:
-        return train.main(argv)
+        with denoiser.built_by_train() if student == "denoiser" else contextlib.nullcontext():
+            return train.main(argv)
     finally:
         train.train_step = train_step
 
