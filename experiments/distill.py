@@ -4,22 +4,22 @@ the clean images (docs/results.md §1, the price of normalization).
 
 On large dead leaves the energy restores 0.2-0.6 dB worse than the same UNet trained as a plain denoiser
 (experiments/denoiser.py), mostly where the prior must supply what the observation lacks (box
-inpainting, SR). Two explanations predict that gap: M3 with this network cannot write the denoiser's
-posterior mean at this budget (the form), or it could, but learning it from A-DSM's noisy targets
-through a double backward is slower (the training). This script separates them. It runs train.py's
+inpainting, SR). Is it the targets or the form? A-DSM regresses onto one noisy draw of the clean image,
+and an energy learns from it through a double backward; or M3 with this network learns the same
+function slower whatever the target. This script separates them. It runs train.py's
 own loop, data, covariances and A-CSM loss unchanged, but regresses Tweedie's estimate onto a trained
 denoiser's estimate x^_T of the same noisy image instead of onto the clean image x:
 
     A-DSM (M5):        |sqrt(s) dE/dz - zeta|^2,     zeta   = (z - U x)   / sqrt(s)    (the noise drawn)
     distilled A-DSM:   |sqrt(s) dE/dz - zeta_T|^2,   zeta_T = (z - U x^_T) / sqrt(s)   (what the teacher removes)
 
-with the loss's own weighting. Its minimiser is the teacher's posterior mean, with a target whose
-variance is only the student's error (the teacher's estimate is a function of y, not a random draw of
-x given y). A-CSM still regresses dE/dlog s onto 1/2 (1 - |zeta|^2) from the noise actually drawn: the
-normalization is learned as before. If the distilled energy reaches the teacher, the form can write
-it and the gap is in learning it; if it stops where the energy trained on data stops, the form is
-the limit at this budget. The control, `--student denoiser`, trains the same network as a plain denoiser
-(experiments/denoiser.py) against the same teacher: the same targets, the form the only difference.
+with the loss's own weighting. Its minimiser is the teacher's estimate itself (for an energy, the gradient
+field nearest to it), with a target whose variance is only the student's error (the teacher's estimate is
+a function of y, not a random draw of x given y). A-CSM still regresses dE/dlog s onto 1/2 (1 - |zeta|^2) from the noise actually drawn: the
+normalization is learned as before. The control, `--student denoiser`, trains the same network as a plain
+denoiser (experiments/denoiser.py) against the same teacher: the same targets, the form the only
+difference. If the energy gains from the clean targets what the control gains, A-DSM's noise was what
+held it back; if only the control gains, the limit is in how M3 is learned (docs/results.md §1 has which).
 
 How: dual_score_losses forms z from zeta and regresses sqrt(s) dE/dz onto zeta. Adding to E the linear
 term Re<z, delta>, delta = (U x^_T - U x) / s (a constant: no parameter, no log s in it), shifts
