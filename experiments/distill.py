@@ -65,7 +65,7 @@ class Shifted(nn.Module):
 
 def distillation_losses(teacher, energy, x, cov, generator=None, need_csm=True, zeta=None, dsm_weight=None):
     """aebm.dual_score_losses with A-DSM's target the teacher's estimate instead of the clean image x.
-    teacher: (z, cov) -> U x^_T, the teacher's posterior mean in Sigma's basis. Returns (L_dsm, L_csm), (B,) each."""
+    teacher: (z, cov) -> U x^_T, the teacher's estimate in Sigma's basis. Returns (L_dsm, L_csm), (B,) each."""
     if zeta is None:  # the draw aebm.dual_score_losses would make, so the noise streams stay as in train.py
         zeta = cv.white_noise(cov.s.shape, cov.basis, generator, cov.s.dtype, cov.s.device)
     Ux = cov.U(x)
@@ -106,9 +106,8 @@ def main(argv=None):
     student = "energy"
     if "--student" in argv:
         i = argv.index("--student")
-        student, argv = argv[i + 1:i + 2], argv[:i] + argv[i + 2:]
-        student = student[0] if student in (["energy"], ["denoiser"]) else None
-        if student is None:
+        student, argv = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2:]
+        if student not in ("energy", "denoiser"):
             raise SystemExit("--student must be energy (M3, the default) or denoiser (the same network as "
                              "experiments/denoiser.py's plain denoiser: the control)")
     if student == "denoiser":  # as experiments/denoiser.py: no energy, so no A-CSM
