@@ -2,7 +2,7 @@
 Can M3 write what the free denoiser computes? The energy trained against a trained denoiser instead of
 the clean images (docs/results.md §1, the price of normalization).
 
-On large dead leaves the energy restores 0.2-0.6 dB worse than the same UNet trained as a plain denoiser
+On large dead leaves the energy restores worse than the same UNet trained as a plain denoiser
 (experiments/denoiser.py), mostly where the prior must supply what the observation lacks (box
 inpainting, SR). Is it the targets or the form? A-DSM regresses onto one noisy draw of the clean image,
 and an energy learns from it through a double backward; or M3 with this network learns the same
