@@ -109,3 +109,19 @@ def test_normalization_measures_the_exact_energy_as_normalized(capsys):
     nz.print_report(res)
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("plain:", "random:", "old:"))]
     assert "(unseen)" in lines[0] and "(drawn in training)" in lines[1] and "(training draw not recorded)" in lines[2]
+
+
+def test_the_mse_ratio_standard_error_matches_the_bootstrap():
+    """experiments.normalization reports each cell's MSE/Bayes with a delta-method standard error; on per-image
+    errors drawn like a cell's (Bayes MSE varying from image to image, the model's a noisy multiple of it) it
+    must agree with the bootstrap's spread of the same ratio, and shrink as 1/sqrt(n)."""
+    from experiments import normalization as nz
+    g = torch.Generator().manual_seed(0)
+    for n in (64, 512):
+        bayes = torch.rand(n, generator=g, dtype=torch.float64).mul(2).add(0.2) ** 2
+        mse = bayes * (1.05 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)) + 0.01 * torch.rand(n, generator=g, dtype=torch.float64)
+        ratio, se = nz.ratio_and_error(mse, bayes)
+        assert abs(ratio - (mse.sum() / bayes.sum()).item()) < 1e-12
+        idx = torch.randint(0, n, (4000, n), generator=g)
+        boot = (mse[idx].sum(1) / bayes[idx].sum(1)).std().item()
+        assert abs(se / boot - 1) < 0.1, (n, se, boot)
