@@ -195,14 +195,15 @@ def trained_rows(result):
 def print_report(res):
     names = [k for k in res if k != "exact"]
     print("(E_model - E_exact) / d in nats, per model (" + " / ".join(names) + "); columns: noise variance")
-    print(f"{'':20s}" + "".join(f"{s:>16g}" for s in LEVELS))
+    w = 9 * len(names) + 2  # "+0.000 / " per model
+    print(f"{'':20s}" + "".join(f"{s:>{w}g}" for s in LEVELS))
     for key, fmt in (("offset", "{:+.3f}"), ("mse_ratio", "{:.3f}")):
         tabs = [table(res[n]["rows"], key) for n in names]
         if key == "mse_ratio":
             print("posterior-mean MSE / Bayes MSE")
         for row in tabs[0]:
             cells = [" / ".join(fmt.format(t[row][s]) for t in tabs) if s in tabs[0][row] else "" for s in LEVELS]
-            print(f"{row:20s}" + "".join(f"{c:>16s}" for c in cells))
+            print(f"{row:20s}" + "".join(f"{c:>{w}s}" for c in cells))
     for n in names:
         drawn, rows = res[n]["random_drawn"], trained_rows(res[n])
         worst = max(rows, key=lambda r: abs(r["offset"]))
