@@ -112,8 +112,8 @@ def offsets(energy, prior, x, seed=0, chunk=128):
 def ratio_and_error(mse, bayes):
     """sum(mse) / sum(bayes) over images and its standard error: the ratio of two means, so to first order
     (the delta method) its error is the mean of (mse_i - ratio * bayes_i) / mean(bayes), whose spread over
-    images gives the error over sqrt(n). At 64 images the masks' ratios carry about +-0.009, as much as the
-    5 % goal's margin; hence measure's 512."""
+    images gives the error over sqrt(n). It falls as 1/sqrt(n): measure's 512 images resolve a ratio against a
+    goal a few hundredths away, which 64 do not (docs/results.md §2)."""
     ratio = mse.sum() / bayes.sum()
     return ratio.item(), ((mse - ratio * bayes).std() / bayes.mean() / math.sqrt(len(mse))).item()
 
@@ -289,7 +289,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/normalization", help="run directories")
     p.add_argument("--plot", default="docs/normalization_offsets.png", help="figure")
     p.add_argument("--images", type=int, default=512,
-                   help="held-out images per cell (the MSE/Bayes ratio's standard error is about 0.003 at 512, 0.009 at 64)")
+                   help="held-out images per cell (the MSE/Bayes ratio's standard error falls as 1/sqrt of it)")
     p.add_argument("--restart", action="store_true", help="set aside earlier runs in --out (train.py --restart)")
     p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999 --anchor spectral --p-random 0.33 "
                                       "--dsm-weight edm-pixel",
