@@ -96,20 +96,26 @@ def load_teacher(path, args):
     return lambda z, cov: model.to(z.device).estimate_z(z, cov)  # on the run's device (a no-op after the first call)
 
 
+def pop_option(argv, flag):
+    """(the value after flag, or None if flag is absent; argv without both). The flags train.py does not know
+    are taken out before it parses the rest. A flag with nothing after it reads as the empty string."""
+    if flag not in argv:
+        return None, argv
+    i = argv.index(flag)
+    return (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2:]
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--teacher" not in argv or argv.index("--teacher") + 1 >= len(argv):
+    path, argv = pop_option(argv, "--teacher")
+    if not path:
         raise SystemExit("--teacher needs a denoiser checkpoint, e.g. --teacher runs/denoiser/ckpt.pt "
                          "(python -m experiments.denoiser --preset hour --out runs/denoiser trains one)")
-    i = argv.index("--teacher")
-    path, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    student = "energy"
-    if "--student" in argv:
-        i = argv.index("--student")
-        student, argv = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2:]
-        if student not in ("energy", "denoiser"):
-            raise SystemExit("--student must be energy (M3, the default) or denoiser (the same network as "
-                             "experiments/denoiser.py's plain denoiser: the control)")
+    student, argv = pop_option(argv, "--student")
+    student = "energy" if student is None else student
+    if student not in ("energy", "denoiser"):
+        raise SystemExit("--student must be energy (M3, the default) or denoiser (the same network as "
+                         "experiments/denoiser.py's plain denoiser: the control)")
     if student == "denoiser":  # as experiments/denoiser.py: no energy, so no A-CSM
         if "--lam" in argv and argv[argv.index("--lam") + 1:][:1] != ["0"]:
             raise SystemExit("a denoiser student is not an energy: it trains with A-DSM alone (--lam 0, the default here)")
