@@ -2,7 +2,7 @@
 
 Under pytest-xdist (`python -m pytest -n N`, an optional plugin, not a requirement) each of the N workers is
 its own process, and torch gives each process one thread per core: N workers would run N × cores threads and
-spend their time switching between them (the suite on a 16-core GPU machine needed OMP_NUM_THREADS=1 by hand).
+spend their time switching between them.
 Here each worker takes its share of the cores instead. A plain `python -m pytest` is left as torch sets it.
 """
 
