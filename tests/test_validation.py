@@ -138,24 +138,20 @@ def test_a_normalized_but_wrong_model_has_a_positive_offset_its_kl_that_noise_sh
     import covariances as cv
     import data
 
-    torch.set_default_dtype(torch.float64)
-    try:
-        field = data.GaussianField(16, 1)
-        c = field.spectrum.s
-        c_wrong = c ** 0.8 * c.mean() ** 0.2  # a normalized density with the wrong spectrum
-        wrong = aebm.GaussianEnergy(field.mean, cv.Covariance(c_wrong, "fft"))
-        g, n, d = torch.Generator().manual_seed(0), 2048, c.numel()
-        x = field.prior.sample(n, g)
-        offsets = []
-        for s in (1e-4, 1e-2, 1.0):
-            cov = cv.isotropic(s, x.shape, "fft")
-            y = x + cov.sample(g)[0]
-            gap = (wrong(y, cov) - field.prior(y, cov)) / d
-            ratio = (c + s) / (c_wrong + s)
-            kl = 0.5 * (ratio - 1 - ratio.log()).sum().item() / d
-            assert abs(gap.mean().item() - kl) < 4 * gap.std().item() / n ** 0.5 + 1e-12, (s, gap.mean().item(), kl)
-            offsets.append(kl)
-        assert offsets[0] > offsets[1] > offsets[2] > 0, offsets
-        assert offsets[0] > 0.01  # large enough that the first assertion tells the KL from zero
-    finally:
-        torch.set_default_dtype(torch.float32)
+    field = data.GaussianField(16, 1)
+    c = field.spectrum.s
+    c_wrong = c ** 0.8 * c.mean() ** 0.2  # a normalized density with the wrong spectrum
+    wrong = aebm.GaussianEnergy(field.mean, cv.Covariance(c_wrong, "fft"))
+    g, n, d = torch.Generator().manual_seed(0), 2048, c.numel()
+    x = field.prior.sample(n, g)
+    offsets = []
+    for s in (1e-4, 1e-2, 1.0):
+        cov = cv.isotropic(s, x.shape, "fft", dtype=torch.float64)
+        y = x + cov.sample(g)[0]
+        gap = (wrong(y, cov) - field.prior(y, cov)) / d
+        ratio = (c + s) / (c_wrong + s)
+        kl = 0.5 * (ratio - 1 - ratio.log()).sum().item() / d
+        assert abs(gap.mean().item() - kl) < 4 * gap.std().item() / n ** 0.5 + 1e-12, (s, gap.mean().item(), kl)
+        offsets.append(kl)
+    assert offsets[0] > offsets[1] > offsets[2] > 0, offsets
+    assert offsets[0] > 0.01  # large enough that the first assertion tells the KL from zero
