@@ -15,7 +15,7 @@ for a trained model this script measures, on held-out images:
   - blind deblurring over a grid of widths x noises: how often the model's argmin is the exact energy's;
   - the fine-grid blind-noise curve (true sigma 0.1, box 8, 8 images) against the exact one.
 
-    python -m experiments.normalization                       # dual and DSM-only, 16x16 (docs/results.md §2)
+    python -m experiments.normalization                       # dual and DSM-only side by side, 16x16 (docs/results.md §2)
     python -m experiments.normalization --ckpt dual=runs/x/ckpt.pt dsm=runs/y/ckpt.pt   # measure checkpoints
 
 It trains with train.py's real loop (dual and DSM-only with identical flags and seeds) and draws
@@ -56,6 +56,36 @@ def train_model(out, lam, steps, size=16, config="small", batch=16, seed=0, extr
                 # the paper's losses, at the learning rate every figure in docs/results.md §2 was measured with
                 "--lr", "1e-3", *train.PAPER_LOSSES, *extra])
     return nets.load_energy(os.path.join(out, "ckpt.pt"))
+
+
+def _train_on_threads(threads, *args, **kwargs):
+    """train_model in a child process on `threads` cores (a top-level function, so that spawn can pickle it)."""
+    torch.set_num_threads(threads)
+    train_model(*args, **kwargs)
+
+
+def train_pair(out, steps, extra=(), side_by_side=True):
+    """Dual (lambda 1) and DSM-only (lambda 0) with identical flags and seeds; returns {name: (EMA energy, config)}.
+    Side by side, each trains in its own process on half the cores: this small UNet on 16x16 images keeps
+    one thread nearly as busy as two, so the pair finishes in well under twice one run's time
+    (docs/results.md §2 has the times). The runs are the same as one after the other, up to the order in
+    which threads sum floats."""
+    runs = {"dual": 1.0, "dsm": 0.0}
+    threads = max(1, torch.get_num_threads() // 2)
+    if side_by_side:
+        spawn = torch.multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        procs = {name: spawn.Process(target=_train_on_threads, args=(threads, os.path.join(out, name), lam, steps),
+                                     kwargs=dict(extra=extra)) for name, lam in runs.items()}
+        for pr in procs.values():
+            pr.start()
+        for pr in procs.values():
+            pr.join()
+        failed = [f"{name} (exit code {pr.exitcode})" for name, pr in procs.items() if pr.exitcode != 0]
+        if failed:
+            raise SystemExit(f"training {', '.join(failed)} failed with the error above; --restart trains again "
+                             f"(setting aside the runs in {out}), --ckpt NAME=PATH measures finished checkpoints")
+        return {name: nets.load_energy(os.path.join(out, name, "ckpt.pt")) for name in runs}
+    return {name: train_model(os.path.join(out, name), lam, steps, extra=extra) for name, lam in runs.items()}
 
 
 def exact64(prior):
@@ -291,6 +321,8 @@ if __name__ == "__main__":
     p.add_argument("--images", type=int, default=512,
                    help="held-out images per cell (the MSE/Bayes ratio's standard error falls as 1/sqrt of it)")
     p.add_argument("--restart", action="store_true", help="set aside earlier runs in --out (train.py --restart)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="train dual, then DSM-only, each on every core (default: side by side, each on half of them)")
     p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999 --anchor spectral --p-random 0.33 "
                                       "--dsm-weight edm-pixel",
                    help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3, an EMA over "
@@ -301,8 +333,7 @@ if __name__ == "__main__":
         models = {c.split("=")[0]: nets.load_energy(c.split("=", 1)[1]) for c in a.ckpt}
     else:
         extra = a.extra.split() + (["--restart"] if a.restart else [])
-        models = {name: train_model(os.path.join(a.out, name), lam, a.steps, extra=extra)
-                  for name, lam in (("dual", 1.0), ("dsm", 0.0))}
+        models = train_pair(a.out, a.steps, extra, side_by_side=not a.one_at_a_time)
     res = measure(models, n=a.images)
     print_report(res)
     print_markdown(res)

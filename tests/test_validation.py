@@ -155,3 +155,21 @@ def test_a_normalized_but_wrong_model_has_a_positive_offset_its_kl_that_noise_sh
         offsets.append(kl)
     assert offsets[0] > offsets[1] > offsets[2] > 0, offsets
     assert offsets[0] > 0.01  # large enough that the first assertion tells the KL from zero
+
+
+@pytest.mark.slow
+def test_normalization_trains_its_pair_side_by_side_as_one_after_the_other(tmp_path):
+    """experiments.normalization trains dual and DSM-only each in its own process on half the cores; the
+    checkpoints are those of training them one after the other in this process (up to float summation order),
+    with lambda 1 and 0 and the same flags."""
+    from experiments import normalization as nz
+    extra = ["--p-hole", "0.25", "--p-random", "0.33"]
+    pair = nz.train_pair(str(tmp_path / "pair"), 3, extra, side_by_side=True)
+    alone = nz.train_pair(str(tmp_path / "alone"), 3, extra, side_by_side=False)
+    for name, lam in (("dual", 1.0), ("dsm", 0.0)):
+        (e1, c1), (e2, c2) = pair[name], alone[name]
+        assert c1["lam"] == c2["lam"] == lam and c1["p_hole"] == c2["p_hole"] == 0.25
+        for (k, v1), v2 in zip(e1.state_dict().items(), e2.state_dict().values()):
+            torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-6, msg=k)
+    # and the two processes did train different models (the covariance score loss moved the dual one)
+    assert any(not torch.allclose(a, b) for a, b in zip(pair["dual"][0].parameters(), pair["dsm"][0].parameters()))
