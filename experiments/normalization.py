@@ -324,10 +324,10 @@ if __name__ == "__main__":
     p.add_argument("--one-at-a-time", action="store_true",
                    help="train dual, then DSM-only, each on every core (default: side by side, each on half of them)")
     p.add_argument("--extra", default="--spectral-noise-max 1e3 --ema 0.999 --anchor spectral --p-random 0.33 "
-                                      "--dsm-weight edm-pixel",
+                                      "--dsm-weight edm-pixel --p-hole 0.25",
                    help="more train.py flags, for both models (quoted; default: blur/SR noise up to 1e3, an EMA over "
                         "~1000 steps, the spectral anchor, a third of the masks random, A-DSM weighted in the pixel "
-                        "basis; docs/results.md §2)")
+                        "basis, a quarter of the masks drawn like inpainting; docs/results.md §2)")
     a = p.parse_args()
     if a.ckpt:
         models = {c.split("=")[0]: nets.load_energy(c.split("=", 1)[1]) for c in a.ckpt}
