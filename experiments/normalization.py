@@ -25,6 +25,7 @@ docs/normalization_offsets.png and docs/normalization_blind.png.
 import argparse
 import math
 import os
+import sys
 
 import torch
 
@@ -58,8 +59,26 @@ def train_model(out, lam, steps, size=16, config="small", batch=16, seed=0, extr
     return nets.load_energy(os.path.join(out, "ckpt.pt"))
 
 
-def _train_on_threads(threads, *args, **kwargs):
+class _NamedLines:
+    """A child's stdout that starts each line with its run's name, so that two logs printed side by side
+    can be told apart."""
+
+    def __init__(self, name, stream):
+        self.name, self.stream, self.at_line_start = name, stream, True
+
+    def write(self, text):
+        for part in text.splitlines(keepends=True):
+            self.stream.write(f"[{self.name}] " * self.at_line_start + part)
+            self.at_line_start = part.endswith("\n")
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def _train_on_threads(name, threads, *args, **kwargs):
     """train_model in a child process on `threads` cores (a top-level function, so that spawn can pickle it)."""
+    sys.stdout = _NamedLines(name, sys.stdout)
     torch.set_num_threads(threads)
     train_model(*args, **kwargs)
 
@@ -74,8 +93,9 @@ def train_pair(out, steps, extra=(), side_by_side=True):
     threads = max(1, torch.get_num_threads() // 2)
     if side_by_side:
         spawn = torch.multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-        procs = {name: spawn.Process(target=_train_on_threads, args=(threads, os.path.join(out, name), lam, steps),
-                                     kwargs=dict(extra=extra)) for name, lam in runs.items()}
+        procs = {name: spawn.Process(target=_train_on_threads, kwargs=dict(extra=extra),
+                                     args=(name, threads, os.path.join(out, name), lam, steps))
+                 for name, lam in runs.items()}
         for pr in procs.values():
             pr.start()
         for pr in procs.values():

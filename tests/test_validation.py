@@ -158,13 +158,17 @@ def test_a_normalized_but_wrong_model_has_a_positive_offset_its_kl_that_noise_sh
 
 
 @pytest.mark.slow
-def test_normalization_trains_its_pair_side_by_side_as_one_after_the_other(tmp_path):
+def test_normalization_trains_its_pair_side_by_side_as_one_after_the_other(tmp_path, capfd):
     """experiments.normalization trains dual and DSM-only each in its own process on half the cores; the
     checkpoints are those of training them one after the other in this process (up to float summation order),
-    with lambda 1 and 0 and the same flags."""
+    with lambda 1 and 0 and the same flags, and every line the two print says which run it is from."""
     from experiments import normalization as nz
     extra = ["--p-hole", "0.25", "--p-random", "0.33"]
     pair = nz.train_pair(str(tmp_path / "pair"), 3, extra, side_by_side=True)
+    lines = [l for l in capfd.readouterr().out.splitlines() if l.strip()]
+    assert len(lines) >= 8 and all(l.startswith(("[dual] ", "[dsm] ")) for l in lines), lines
+    assert any("lam 1.0" in l for l in lines if l.startswith("[dual] "))
+    assert any("lam 0.0" in l for l in lines if l.startswith("[dsm] "))
     alone = nz.train_pair(str(tmp_path / "alone"), 3, extra, side_by_side=False)
     for name, lam in (("dual", 1.0), ("dsm", 0.0)):
         (e1, c1), (e2, c2) = pair[name], alone[name]
