@@ -90,8 +90,8 @@ def train_pair(out, steps, extra=(), side_by_side=True):
     (docs/results.md §2 has the times). The runs are the same as one after the other, up to the order in
     which threads sum floats."""
     runs = {"dual": 1.0, "dsm": 0.0}
-    threads = max(1, torch.get_num_threads() // 2)
     if side_by_side:
+        threads = max(1, torch.get_num_threads() // 2)
         spawn = torch.multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
         procs = {name: spawn.Process(target=_train_on_threads, kwargs=dict(extra=extra),
                                      args=(name, threads, os.path.join(out, name), lam, steps))
